@@ -1,0 +1,145 @@
+//! Tuning of one group's consensus core. Time is counted in ticks: the shell
+//! decides how long a tick is (the node defaults to 50 ms), the core never
+//! reads a clock.
+
+use super::types::NodeId;
+
+/// Consensus parameters for one member of one group.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This member's id.
+    pub id: NodeId,
+    /// A follower that hears nothing from a leader for a random number of
+    /// ticks in `[min, max)` starts an election. `min` is also the window in
+    /// which a follower that heard from a leader refuses to vote for another
+    /// candidate (leader stickiness) and the check-quorum period.
+    pub election_timeout_min_ticks: u64,
+    pub election_timeout_max_ticks: u64,
+    /// A leader sends a heartbeat to every member this often.
+    pub heartbeat_interval_ticks: u64,
+    /// Ask for pre-votes before raising the term, so a member that was cut
+    /// off cannot disrupt a healthy leader when it returns.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within
+    /// `election_timeout_min_ticks` steps down.
+    pub check_quorum: bool,
+    /// Serve linearizable reads without a heartbeat round while a quorum
+    /// acknowledged the leader less than `lease_ticks` ago. Only safe when
+    /// clocks of members drift apart by less than the gap between
+    /// `lease_ticks` and `election_timeout_min_ticks`.
+    pub leader_lease: bool,
+    pub lease_ticks: u64,
+    /// Replication pipeline bounds per follower.
+    pub max_inflight_appends: usize,
+    pub max_inflight_bytes: usize,
+    /// Upper bound on the entries of one append request (at least one entry
+    /// is always sent).
+    pub max_append_bytes: usize,
+    /// An in-flight append unacknowledged for this long is presumed lost and
+    /// the follower is probed again.
+    pub retransmit_ticks: u64,
+    /// A staged member counts as caught up once its match index is within
+    /// this many entries of the leader's last index.
+    pub staging_catch_up_gap: u64,
+    /// A membership change fails when a staged member makes no progress for
+    /// this many ticks.
+    pub staging_timeout_ticks: u64,
+    /// A follower that is being sent a snapshot and does not confirm it within
+    /// this many ticks is probed again.
+    pub snapshot_timeout_ticks: u64,
+    /// Seed for the election-timeout randomisation; the shell passes a random
+    /// value, the simulation a deterministic one.
+    pub rng_seed: u64,
+}
+
+impl Config {
+    /// Defaults for member `id`, tuned for 50 ms ticks: elections after
+    /// 0.5-1 s of silence, heartbeats every 100 ms.
+    pub fn new(id: NodeId) -> Self {
+        Config {
+            id,
+            election_timeout_min_ticks: 10,
+            election_timeout_max_ticks: 20,
+            heartbeat_interval_ticks: 2,
+            pre_vote: true,
+            check_quorum: true,
+            leader_lease: false,
+            lease_ticks: 7,
+            max_inflight_appends: 64,
+            max_inflight_bytes: 16 << 20,
+            max_append_bytes: 1 << 20,
+            retransmit_ticks: 10,
+            staging_catch_up_gap: 100,
+            staging_timeout_ticks: 40,
+            snapshot_timeout_ticks: 200,
+            rng_seed: id,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use ConfigError::*;
+        if self.id == 0 {
+            return Err(ZeroId);
+        }
+        if self.heartbeat_interval_ticks == 0 {
+            return Err(Invalid("heartbeat_interval_ticks must be at least 1"));
+        }
+        if self.election_timeout_min_ticks <= self.heartbeat_interval_ticks {
+            return Err(Invalid(
+                "election_timeout_min_ticks must exceed heartbeat_interval_ticks, \
+                 or followers time out between heartbeats",
+            ));
+        }
+        if self.election_timeout_max_ticks <= self.election_timeout_min_ticks {
+            return Err(Invalid(
+                "election_timeout_max_ticks must exceed election_timeout_min_ticks \
+                 (the spread is what breaks split votes)",
+            ));
+        }
+        if self.leader_lease && self.lease_ticks >= self.election_timeout_min_ticks {
+            return Err(Invalid(
+                "lease_ticks must be below election_timeout_min_ticks, with margin for clock drift",
+            ));
+        }
+        if self.max_inflight_appends == 0
+            || self.max_inflight_bytes == 0
+            || self.max_append_bytes == 0
+        {
+            return Err(Invalid("in-flight and append bounds must be positive"));
+        }
+        if self.retransmit_ticks == 0
+            || self.staging_timeout_ticks == 0
+            || self.snapshot_timeout_ticks == 0
+        {
+            return Err(Invalid("timeouts must be at least one tick"));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration the core refuses to run with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("member id 0 is reserved; use a non-zero id")]
+    ZeroId,
+    #[error("invalid consensus configuration: {0}")]
+    Invalid(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t10_defaults_validate_and_bad_values_are_named() {
+        Config::new(1).validate().unwrap();
+        let mut c = Config::new(1);
+        c.election_timeout_max_ticks = c.election_timeout_min_ticks;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("max_ticks")));
+        let mut c = Config::new(1);
+        c.leader_lease = true;
+        c.lease_ticks = 10;
+        assert!(c.validate().is_err());
+        assert_eq!(Config::new(0).validate(), Err(ConfigError::ZeroId));
+    }
+}

@@ -1,0 +1,8 @@
+//! kuberaft node: a multi-group Raft server modelled on Apache Ratis.
+//!
+//! - [`core`]: the sans-IO consensus core (one value per group member).
+//!
+//! The storage, state machines, server shell, rpc services, HTTP endpoints and
+//! client library land in later modules (see DESIGN.md §1).
+
+pub mod core;
