@@ -568,8 +568,10 @@ impl RaftCore {
         }
         self.ready_number += 1;
         ready.number = self.ready_number;
-        let last = ready.entries.last().map(|e| (e.index, e.term));
-        self.unpersisted.push_back((ready.number, last, self.term));
+        if ready.hard_state.is_some() || ready.snapshot.is_some() || !ready.entries.is_empty() {
+            let last = ready.entries.last().map(|e| (e.index, e.term));
+            self.unpersisted.push_back((ready.number, last, self.term));
+        }
         ready
     }
 
@@ -1000,7 +1002,11 @@ impl RaftCore {
         let last = self.log.last_index();
         let commit = self.log.committed();
         let term = self.term;
-        let round = self.leader_state.as_ref().expect("leader").round;
+        // May be called right after this member stepped down (a removed
+        // leader committing its own removal): then there is nothing to send.
+        let Some(round) = self.leader_state.as_ref().map(|l| l.round) else {
+            return;
+        };
         let Some(pr) = self
             .leader_state
             .as_mut()

@@ -8,7 +8,9 @@
 //! 2. `messages` may be sent at once, before or during step 1;
 //! 3. `persisted_messages` may be sent only after step 1 is durable (fsync);
 //! 4. apply `committed_entries` in order, then report `applied`;
-//! 5. once step 1 is durable, call `RaftCore::on_persisted(ready.number)`.
+//! 5. once step 1 is durable, call `RaftCore::on_persisted(ready.number)`
+//!    (a Ready with nothing to persist needs no call, but its
+//!    `persisted_messages` still wait for the Readies before it).
 //!
 //! Readies must be persisted in the order they were taken. Step 2 being safe
 //! before step 1 is the core's responsibility: it puts in `messages` only what
