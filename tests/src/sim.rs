@@ -338,7 +338,7 @@ impl Sim {
             drop_rate: [0.0, 0.01, 0.05, 0.15][rng.random_range(0..4)],
             dup_rate: [0.0, 0.02, 0.1][rng.random_range(0..3)],
             max_delay: [2 * MS, 10 * MS, 40 * MS][rng.random_range(0..3)],
-            disk_latency_max: [MS / 2, 3 * MS, 20 * MS][rng.random_range(0..3)],
+            disk_latency_max: [MS / 2, 3 * MS, 20 * MS, 60 * MS][rng.random_range(0..4)],
             snapshot_every: [15, 40, 1_000_000][rng.random_range(0..3)],
             clients: rng.random_range(2..=5),
             keys: rng.random_range(1..=4),
@@ -1198,6 +1198,25 @@ impl Sim {
                 self.crash(id);
                 let after = self.rng.random_range(50 * MS..1500 * MS);
                 self.schedule(self.now + after, EventKind::Restart { node: id });
+            }
+            88..=91 => {
+                // Power loss: every member crashes at once and loses whatever
+                // it had not made durable, then they come back one by one.
+                self.note(|| "power loss: all members crash".into());
+                for id in ids.clone() {
+                    self.crash(id);
+                    let after = self.rng.random_range(10 * MS..800 * MS);
+                    self.schedule(self.now + after, EventKind::Restart { node: id });
+                }
+            }
+            92..=95 => {
+                // Crash the leader and restart it at once, racing its
+                // followers' elections with whatever it kept.
+                if let Some(l) = self.leader() {
+                    self.crash(l);
+                    let after = self.rng.random_range(MS..30 * MS);
+                    self.schedule(self.now + after, EventKind::Restart { node: l });
+                }
             }
             15..=24 => {
                 // Symmetric partition into two sides.
