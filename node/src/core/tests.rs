@@ -1,1 +1,1100 @@
+//! Deterministic scenario tests of the core: the Raft paper's cases and every
+//! membership and transfer path, the failing ones included.
+//!
+//! A tiny synchronous harness ([`Net`]) delivers messages in FIFO order,
+//! persists every Ready at once (unless a member's persistence is held back),
+//! and can cut members off. Names follow `tNN_`: 20 elections, 30
+//! replication, 40 membership, 50 transfer, 60 reads, 70 restarts.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::*;
+
+fn cfg(id: NodeId) -> Config {
+    let mut c = Config::new(id);
+    c.election_timeout_min_ticks = 10;
+    c.election_timeout_max_ticks = 20;
+    c.heartbeat_interval_ticks = 2;
+    c.staging_timeout_ticks = 30;
+    c
+}
+
+#[derive(Clone, Debug, Default)]
+struct Disk {
+    hard_state: HardState,
+    snapshot: SnapshotMeta,
+    log: BTreeMap<Index, Entry>,
+}
+
+#[derive(Default)]
+struct Net {
+    nodes: BTreeMap<NodeId, RaftCore>,
+    disks: BTreeMap<NodeId, Disk>,
+    queue: VecDeque<Envelope>,
+    /// Members cut off from everyone.
+    cut: BTreeSet<NodeId>,
+    /// Links that drop messages: (from, to).
+    blocked: BTreeSet<(NodeId, NodeId)>,
+    /// Members whose Readies are not persisted until released.
+    hold: BTreeSet<NodeId>,
+    held: BTreeMap<NodeId, Vec<Ready>>,
+    events: BTreeMap<NodeId, Vec<Event>>,
+    applied: BTreeMap<NodeId, Vec<Entry>>,
+    snapshot_requests: Vec<(NodeId, NodeId)>,
+    /// Every message delivered, for tests that count round trips.
+    delivered: Vec<Envelope>,
+    /// Drops the messages for which it returns false.
+    filter: Option<Box<dyn Fn(&Net, &Envelope) -> bool>>,
+}
+
+impl Net {
+    fn new(n: u64) -> Net {
+        Self::with_membership(Membership::with_voters((1..=n).map(PeerInfo::new)), 1..=n)
+    }
+
+    fn with_membership(m: Membership, ids: impl IntoIterator<Item = NodeId>) -> Net {
+        let mut net = Net::default();
+        for id in ids {
+            let disk = Disk {
+                snapshot: SnapshotMeta {
+                    membership: m.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            net.disks.insert(id, disk);
+            net.start(id, cfg(id));
+        }
+        net
+    }
+
+    /// Adds a member with an empty membership, as a new node would be.
+    fn add_empty(&mut self, id: NodeId) {
+        self.disks.insert(id, Disk::default());
+        self.start(id, cfg(id));
+    }
+
+    fn start(&mut self, id: NodeId, c: Config) {
+        let d = self.disks[&id].clone();
+        let core =
+            RaftCore::new(c, d.hard_state, d.snapshot, d.log.into_values().collect()).unwrap();
+        self.nodes.insert(id, core);
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        self.nodes.remove(&id);
+        self.held.remove(&id);
+        self.queue.retain(|e| e.to != id && e.from != id);
+    }
+
+    fn core(&mut self, id: NodeId) -> &mut RaftCore {
+        self.nodes.get_mut(&id).expect("member is up")
+    }
+
+    fn persist(&mut self, id: NodeId, ready: Ready) {
+        let disk = self.disks.get_mut(&id).unwrap();
+        if let Some(hs) = ready.hard_state {
+            disk.hard_state = hs;
+        }
+        if let Some(meta) = &ready.snapshot {
+            let keep = disk
+                .log
+                .get(&meta.index)
+                .is_some_and(|e| e.term == meta.term);
+            if keep {
+                disk.log.retain(|i, _| *i > meta.index);
+            } else {
+                disk.log.clear();
+            }
+            disk.snapshot = meta.clone();
+        }
+        if let Some(first) = ready.entries.first() {
+            let _ = disk.log.split_off(&first.index);
+            for e in &ready.entries {
+                disk.log.insert(e.index, e.clone());
+            }
+        }
+        self.queue.extend(ready.persisted_messages);
+        if let Some(core) = self.nodes.get_mut(&id) {
+            core.on_persisted(ready.number);
+        }
+    }
+
+    fn drain(&mut self, id: NodeId) {
+        let Some(core) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let mut ready = core.take_ready();
+        core.check_invariants().unwrap();
+        self.queue.extend(std::mem::take(&mut ready.messages));
+        self.events
+            .entry(id)
+            .or_default()
+            .extend(std::mem::take(&mut ready.events));
+        for to in std::mem::take(&mut ready.send_snapshot) {
+            self.snapshot_requests.push((id, to));
+        }
+        let committed = std::mem::take(&mut ready.committed_entries);
+        if let Some(last) = committed.last().map(|e| e.index) {
+            self.applied.entry(id).or_default().extend(committed);
+            self.core(id).applied(last);
+        }
+        if self.hold.contains(&id) {
+            self.held.entry(id).or_default().push(ready);
+        } else {
+            self.persist(id, ready);
+        }
+    }
+
+    /// Makes everything `id` was holding back durable.
+    fn release(&mut self, id: NodeId) {
+        self.hold.remove(&id);
+        for ready in self.held.remove(&id).unwrap_or_default() {
+            self.persist(id, ready);
+        }
+        self.flush();
+    }
+
+    /// Delivers messages until nothing moves.
+    fn flush(&mut self) {
+        for _ in 0..10_000 {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.drain(id);
+            }
+            let Some(env) = self.queue.pop_front() else {
+                return;
+            };
+            let dropped = self.cut.contains(&env.from)
+                || self.cut.contains(&env.to)
+                || self.blocked.contains(&(env.from, env.to))
+                || self.filter.as_ref().is_some_and(|f| !f(self, &env));
+            if dropped || !self.nodes.contains_key(&env.to) {
+                continue;
+            }
+            self.delivered.push(env.clone());
+            self.core(env.to).step(env.from, env.msg);
+        }
+        panic!("messages kept flowing for 10000 deliveries");
+    }
+
+    fn tick_all(&mut self, ticks: u64) {
+        for _ in 0..ticks {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.core(id).tick();
+            }
+            self.flush();
+        }
+    }
+
+    /// Makes `id` leader: everyone else pauses elections while `id` times out.
+    fn elect(&mut self, id: NodeId) {
+        let others: Vec<NodeId> = self.nodes.keys().copied().filter(|o| *o != id).collect();
+        for o in &others {
+            self.core(*o).set_elections_paused(true);
+        }
+        for _ in 0..200 {
+            if self.nodes[&id].role() == Role::Leader {
+                break;
+            }
+            self.tick_all(1);
+        }
+        assert_eq!(
+            self.nodes[&id].role(),
+            Role::Leader,
+            "n{id} did not get elected"
+        );
+        for o in &others {
+            self.core(*o).set_elections_paused(false);
+        }
+        self.flush();
+    }
+
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|c| c.role() == Role::Leader)
+            .map(|c| c.id())
+            .collect()
+    }
+
+    fn propose(&mut self, id: NodeId, data: &'static str) -> (Term, Index) {
+        let r = self
+            .core(id)
+            .propose(Bytes::from_static(data.as_bytes()))
+            .unwrap();
+        self.flush();
+        r
+    }
+
+    fn take_events(&mut self, id: NodeId) -> Vec<Event> {
+        self.events.remove(&id).unwrap_or_default()
+    }
+
+    fn commit(&self, id: NodeId) -> Index {
+        self.nodes[&id].log().committed()
+    }
+
+    fn applied_commands(&self, id: NodeId) -> Vec<Bytes> {
+        self.applied
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Command(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn cmd(s: &'static str) -> Bytes {
+    Bytes::from_static(s.as_bytes())
+}
+
+fn entry(term: Term, index: Index) -> Entry {
+    Entry {
+        term,
+        index,
+        payload: EntryPayload::Command(cmd("x")),
+    }
+}
+
+fn conf_done(events: &[Event]) -> Option<Result<Index, ConfChangeError>> {
+    events.iter().find_map(|e| match e {
+        Event::ConfChangeDone(r) => Some(r.clone()),
+        _ => None,
+    })
+}
+
+fn transfer_done(events: &[Event]) -> Option<Result<Transferred, TransferError>> {
+    events.iter().find_map(|e| match e {
+        Event::TransferDone(r) => Some(r.clone()),
+        _ => None,
+    })
+}
+
+// --------------------------------------------------------------------------
+// 20: elections
+// --------------------------------------------------------------------------
+
+#[test]
+fn t20_single_member_elects_itself_and_commits_once_durable() {
+    let mut net = Net::new(1);
+    net.hold.insert(1);
+    net.tick_all(25);
+    assert_eq!(net.leaders(), vec![1]);
+    let (_, index) = net.core(1).propose(cmd("a")).unwrap();
+    net.flush();
+    assert!(
+        net.commit(1) < index,
+        "nothing commits before the leader's own fsync"
+    );
+    net.release(1);
+    net.tick_all(1);
+    assert_eq!(net.commit(1), index);
+    assert_eq!(net.applied_commands(1), vec![cmd("a")]);
+}
+
+#[test]
+fn t20_three_members_elect_one_leader_and_replicate() {
+    let mut net = Net::new(3);
+    net.tick_all(40);
+    let leaders = net.leaders();
+    assert_eq!(leaders.len(), 1, "exactly one leader, got {leaders:?}");
+    let l = leaders[0];
+    let (_, index) = net.propose(l, "a");
+    net.tick_all(3);
+    for id in 1..=3 {
+        assert_eq!(net.commit(id), index, "n{id} commit");
+        assert_eq!(net.applied_commands(id), vec![cmd("a")]);
+    }
+}
+
+#[test]
+fn t20_candidate_with_shorter_log_is_refused() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    net.propose(1, "a");
+    net.cut.clear();
+    // n3 missed "a": n2 refuses it, so it cannot win even with n1 gone.
+    net.crash(1);
+    net.core(2).set_elections_paused(true);
+    net.tick_all(60);
+    assert_ne!(net.nodes[&3].role(), Role::Leader);
+    net.core(2).set_elections_paused(false);
+    net.tick_all(60);
+    assert_eq!(net.leaders(), vec![2]);
+}
+
+#[test]
+fn t20_pre_vote_keeps_a_returning_member_from_disrupting_the_leader() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let term = net.nodes[&1].term();
+    net.cut.insert(3);
+    net.tick_all(100);
+    assert_eq!(
+        net.nodes[&3].term(),
+        term,
+        "pre-vote: an isolated member does not raise its term"
+    );
+    net.cut.clear();
+    net.tick_all(5);
+    assert_eq!(net.leaders(), vec![1]);
+    assert_eq!(net.nodes[&1].term(), term);
+}
+
+#[test]
+fn t20_followers_that_hear_a_leader_refuse_votes_without_pre_vote_too() {
+    let mut net = Net::default();
+    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
+    for id in 1..=3 {
+        net.disks.insert(
+            id,
+            Disk {
+                snapshot: SnapshotMeta {
+                    membership: m.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let mut c = cfg(id);
+        c.pre_vote = false;
+        net.start(id, c);
+    }
+    net.elect(1);
+    let term = net.nodes[&1].term();
+    // n3 cannot hear the leader but can still reach n2.
+    net.blocked.insert((1, 3));
+    net.tick_all(60);
+    assert_eq!(net.leaders(), vec![1], "n2 stays with its live leader");
+    assert_eq!(net.nodes[&2].term(), term, "and does not take n3's term");
+}
+
+#[test]
+fn t20_equal_log_voter_with_higher_priority_refuses_then_leads() {
+    let voters = [
+        PeerInfo::new(1),
+        PeerInfo::new(2).with_priority(5),
+        PeerInfo::new(3),
+    ];
+    let mut net = Net::with_membership(Membership::with_voters(voters), 1..=3);
+    net.tick_all(80);
+    assert_eq!(
+        net.leaders(),
+        vec![2],
+        "the higher-priority member ends up leading"
+    );
+}
+
+#[test]
+fn t20_leader_hands_over_to_caught_up_higher_priority_member() {
+    let voters = [
+        PeerInfo::new(1),
+        PeerInfo::new(2),
+        PeerInfo::new(3).with_priority(9),
+    ];
+    let mut net = Net::with_membership(Membership::with_voters(voters), 1..=3);
+    net.cut.insert(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.cut.clear();
+    net.tick_all(30);
+    assert_eq!(net.leaders(), vec![3]);
+    assert_eq!(net.applied_commands(3), vec![cmd("a")]);
+}
+
+#[test]
+fn t20_check_quorum_makes_an_isolated_leader_step_down() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(1);
+    net.tick_all(25);
+    assert_ne!(net.nodes[&1].role(), Role::Leader);
+    assert_eq!(net.leaders().len(), 1, "the majority elected a new leader");
+}
+
+#[test]
+fn t20_paused_member_never_campaigns_but_still_votes() {
+    let mut net = Net::new(3);
+    for id in 1..=3 {
+        net.core(id).set_elections_paused(true);
+    }
+    net.tick_all(100);
+    assert!(net.leaders().is_empty());
+    net.core(2).set_elections_paused(false);
+    net.tick_all(40);
+    assert_eq!(net.leaders(), vec![2], "paused n1 and n3 voted for n2");
+}
+
+/// Raft paper, Figure 8: an entry from an earlier term replicated on a
+/// majority must not be committed by counting replicas, because a member with
+/// a later-term entry at that index can still be elected and overwrite it.
+#[test]
+fn t20_figure8_old_term_entry_on_majority_is_not_committed() {
+    let m = Membership::with_voters((1..=5).map(PeerInfo::new));
+    let mut net2 = Net::default();
+    // n1 led term 2 and got (2, term 2) to n2 only; n5 led term 3 and wrote
+    // (2, term 3) nowhere else. Now n1 campaigns in term 4.
+    let logs: [(NodeId, Term, Vec<Entry>); 5] = [
+        (1, 3, vec![entry(1, 1), entry(2, 2)]),
+        (2, 2, vec![entry(1, 1), entry(2, 2)]),
+        (3, 1, vec![entry(1, 1)]),
+        (4, 1, vec![entry(1, 1)]),
+        (5, 3, vec![entry(1, 1), entry(3, 2)]),
+    ];
+    for (id, term, entries) in logs {
+        let disk = Disk {
+            hard_state: HardState {
+                term,
+                voted_for: None,
+            },
+            snapshot: SnapshotMeta {
+                membership: m.clone(),
+                ..Default::default()
+            },
+            log: entries.into_iter().map(|e| (e.index, e)).collect(),
+        };
+        net2.disks.insert(id, disk);
+        let mut c = cfg(id);
+        // One entry per append, so the old entry can reach a follower
+        // without the new leader's own no-op.
+        c.max_append_bytes = 1;
+        net2.start(id, c);
+    }
+    net2.cut.extend([4, 5]);
+    // n3 gets (2, term 2) but nothing after it: once it holds index 2,
+    // appends carrying anything later are dropped.
+    net2.filter = Some(Box::new(|net, env| {
+        env.to != 3
+            || net.nodes[&3].log().last_index() < 2
+            || !matches!(&env.msg, Message::AppendEntries(a) if a.entries.iter().any(|e| e.index > 2))
+    }));
+    net2.elect(1);
+    net2.tick_all(3);
+    let n3_log = net2.nodes[&3].log();
+    assert_eq!(n3_log.term(2), Some(2), "n3 holds the old entry");
+    assert_eq!(n3_log.last_index(), 2);
+    assert!(
+        net2.commit(1) < 2,
+        "index 2 (term 2) is on a majority but must not be committed by counting"
+    );
+    // Now n1 is lost; n5 (last term 3) wins with n3 and n4 and overwrites it.
+    net2.crash(1);
+    net2.cut.clear();
+    net2.filter = None;
+    net2.core(2).set_elections_paused(true);
+    net2.core(3).set_elections_paused(true);
+    net2.core(4).set_elections_paused(true);
+    for _ in 0..200 {
+        if net2.nodes[&5].role() == Role::Leader {
+            break;
+        }
+        net2.tick_all(1);
+    }
+    assert_eq!(net2.nodes[&5].role(), Role::Leader);
+    net2.tick_all(5);
+    for id in 2..=5 {
+        assert_eq!(
+            net2.nodes[&id].log().term(2),
+            Some(3),
+            "n{id} has n5's entry at 2"
+        );
+    }
+}
+
+// --------------------------------------------------------------------------
+// 30: replication
+// --------------------------------------------------------------------------
+
+#[test]
+fn t30_divergent_follower_is_truncated_and_backs_up_by_term() {
+    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
+    let mut net = Net::default();
+    // n3 holds a long uncommitted suffix of term 2 that n1 never had.
+    let mut n3_log = vec![entry(1, 1)];
+    n3_log.extend((2..=30).map(|i| entry(2, i)));
+    let logs: [(NodeId, Term, Vec<Entry>); 3] = [
+        (1, 3, vec![entry(1, 1), entry(3, 2)]),
+        (2, 3, vec![entry(1, 1), entry(3, 2)]),
+        (3, 2, n3_log),
+    ];
+    for (id, term, entries) in logs {
+        let disk = Disk {
+            hard_state: HardState {
+                term,
+                voted_for: None,
+            },
+            snapshot: SnapshotMeta {
+                membership: m.clone(),
+                ..Default::default()
+            },
+            log: entries.into_iter().map(|e| (e.index, e)).collect(),
+        };
+        net.disks.insert(id, disk);
+        net.start(id, cfg(id));
+    }
+    net.elect(1);
+    net.tick_all(3);
+    let log3 = net.nodes[&3].log();
+    assert_eq!(log3.last_index(), net.nodes[&1].log().last_index());
+    assert_eq!(log3.term(2), Some(3), "the term-2 suffix is gone");
+    let rejections = net
+        .delivered
+        .iter()
+        .filter(|e| {
+            e.to == 1
+                && matches!(&e.msg, Message::AppendEntriesReply(r) if r.result == AppendResult::Inconsistency)
+        })
+        .count();
+    assert!(
+        rejections <= 2,
+        "the hint skips the whole conflicting term ({rejections} rejections)"
+    );
+}
+
+#[test]
+fn t30_in_flight_appends_are_bounded() {
+    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
+    let mut net = Net::default();
+    for id in 1..=3 {
+        net.disks.insert(
+            id,
+            Disk {
+                snapshot: SnapshotMeta {
+                    membership: m.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let mut c = cfg(id);
+        c.max_inflight_appends = 2;
+        c.max_append_bytes = 1;
+        net.start(id, c);
+    }
+    net.elect(1);
+    // n3 receives but its replies are lost.
+    net.blocked.insert((3, 1));
+    net.delivered.clear();
+    for _ in 0..10 {
+        net.core(1).propose(cmd("p")).unwrap();
+    }
+    net.flush();
+    let to3 = net
+        .delivered
+        .iter()
+        .filter(|e| {
+            e.to == 3 && matches!(&e.msg, Message::AppendEntries(a) if !a.entries.is_empty())
+        })
+        .count();
+    assert_eq!(
+        to3, 2,
+        "at most max_inflight_appends unacknowledged appends"
+    );
+    net.blocked.clear();
+    net.tick_all(15);
+    assert_eq!(
+        net.nodes[&3].log().last_index(),
+        net.nodes[&1].log().last_index()
+    );
+}
+
+#[test]
+fn t30_compacted_leader_asks_for_a_snapshot_and_follower_installs_it() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    for _ in 0..5 {
+        net.propose(1, "a");
+    }
+    let commit = net.commit(1);
+    net.core(1).compact(commit);
+    net.cut.clear();
+    net.tick_all(2);
+    assert!(net.snapshot_requests.contains(&(1, 3)));
+    // The shell streams the snapshot, then hands it to n3's core.
+    let meta = net.nodes[&1].snapshot_meta(commit).unwrap();
+    let term = net.nodes[&1].term();
+    net.core(3).step(
+        1,
+        Message::InstallSnapshot(InstallSnapshot {
+            term,
+            meta: meta.clone(),
+        }),
+    );
+    net.flush();
+    assert_eq!(net.nodes[&3].log().snapshot_index(), commit);
+    assert_eq!(net.disks[&3].snapshot, meta);
+    let (_, index) = net.propose(1, "b");
+    net.tick_all(3);
+    assert_eq!(net.commit(3), index);
+}
+
+#[test]
+fn t30_follower_acknowledges_only_after_its_fsync() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    net.hold.insert(2);
+    let (_, index) = net.propose(1, "a");
+    assert!(net.commit(1) < index, "n2 has not persisted: no quorum yet");
+    net.release(2);
+    assert_eq!(net.commit(1), index);
+}
+
+// --------------------------------------------------------------------------
+// 40: membership
+// --------------------------------------------------------------------------
+
+fn add_voter(id: NodeId) -> ConfChangeRequest {
+    ConfChangeRequest {
+        mode: ConfChangeMode::Add,
+        voters: vec![PeerInfo::new(id)],
+        listeners: vec![],
+    }
+}
+
+#[test]
+fn t40_new_voter_is_staged_then_joint_then_final() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    for _ in 0..5 {
+        net.propose(1, "a");
+    }
+    net.add_empty(4);
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    net.flush();
+    net.tick_all(5);
+    let done = conf_done(&net.take_events(1)).expect("change finished");
+    let index = done.unwrap();
+    for id in 1..=4 {
+        let m = net.nodes[&id].membership();
+        assert!(!m.is_joint(), "n{id} left the joint membership");
+        assert_eq!(
+            m.voters.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2, 3, 4],
+            "n{id}"
+        );
+    }
+    // The joint entry came before the final one.
+    let log = net.nodes[&1].log();
+    let joint = (1..index).any(|i| {
+        matches!(log.get(i).map(|e| &e.payload), Some(EntryPayload::Membership(m)) if m.is_joint())
+    });
+    assert!(joint, "joint consensus was used");
+    assert_eq!(
+        net.applied_commands(4).len(),
+        5,
+        "the new member has the whole log"
+    );
+}
+
+#[test]
+fn t40_staged_member_that_makes_no_progress_fails_the_change_cleanly() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    // Member 4 never starts.
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    net.flush();
+    net.tick_all(40);
+    let done = conf_done(&net.take_events(1)).expect("change ended");
+    assert_eq!(
+        done,
+        Err(ConfChangeError::StagingTimeout { peers: vec![4] })
+    );
+    assert_eq!(
+        net.nodes[&1].membership().voters.len(),
+        3,
+        "membership unchanged"
+    );
+    assert!(
+        net.nodes[&1].progress().iter().all(|(id, ..)| *id != 4),
+        "staged progress dropped"
+    );
+    // The group works and another change may start.
+    net.propose(1, "a");
+    net.add_empty(5);
+    net.core(1).change_membership(add_voter(5)).unwrap();
+    net.tick_all(10);
+    assert_eq!(
+        conf_done(&net.take_events(1)),
+        Some(Ok(net.nodes[&1].log().membership_index()))
+    );
+}
+
+#[test]
+fn t40_one_change_at_a_time_and_compare_and_set_mismatch() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    assert_eq!(
+        net.core(1).change_membership(add_voter(5)),
+        Err(ConfChangeError::InProgress)
+    );
+    let mut net = Net::new(3);
+    net.elect(1);
+    let wrong = ConfChangeRequest {
+        mode: ConfChangeMode::CompareAndSet {
+            voters: vec![PeerInfo::new(1)],
+            listeners: vec![],
+        },
+        voters: vec![PeerInfo::new(1), PeerInfo::new(2)],
+        listeners: vec![],
+    };
+    assert!(matches!(
+        net.core(1).change_membership(wrong),
+        Err(ConfChangeError::CompareMismatch { .. })
+    ));
+    assert!(matches!(
+        net.core(2).change_membership(add_voter(4)),
+        Err(ConfChangeError::NotLeader { leader: Some(1) })
+    ));
+}
+
+#[test]
+fn t40_invalid_memberships_are_refused_with_the_reason() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let none = ConfChangeRequest {
+        mode: ConfChangeMode::SetUnconditionally,
+        voters: vec![],
+        listeners: vec![],
+    };
+    assert_eq!(
+        net.core(1).change_membership(none),
+        Err(MembershipError::NoVoters.into())
+    );
+    let dup = ConfChangeRequest {
+        mode: ConfChangeMode::SetUnconditionally,
+        voters: vec![PeerInfo::new(1), PeerInfo::new(1)],
+        listeners: vec![],
+    };
+    assert_eq!(
+        net.core(1).change_membership(dup),
+        Err(MembershipError::DuplicateId(1).into())
+    );
+    let both = ConfChangeRequest {
+        mode: ConfChangeMode::SetUnconditionally,
+        voters: vec![PeerInfo::new(1)],
+        listeners: vec![PeerInfo::new(1)],
+    };
+    assert_eq!(
+        net.core(1).change_membership(both),
+        Err(MembershipError::VoterAndListener(1).into())
+    );
+}
+
+#[test]
+fn t40_removed_leader_steps_down_once_the_change_commits() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let req = ConfChangeRequest {
+        mode: ConfChangeMode::SetUnconditionally,
+        voters: vec![PeerInfo::new(2), PeerInfo::new(3)],
+        listeners: vec![],
+    };
+    net.core(1).change_membership(req).unwrap();
+    net.flush();
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    assert_ne!(net.nodes[&1].role(), Role::Leader);
+    net.tick_all(40);
+    let leaders = net.leaders();
+    assert_eq!(leaders.len(), 1);
+    assert_ne!(leaders[0], 1, "a removed member never campaigns");
+    let (_, index) = net.propose(leaders[0], "after");
+    assert_eq!(net.commit(leaders[0]), index);
+}
+
+#[test]
+fn t40_listener_gets_the_log_never_votes_and_can_be_promoted() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.add_empty(4);
+    let req = ConfChangeRequest {
+        mode: ConfChangeMode::Add,
+        voters: vec![],
+        listeners: vec![PeerInfo::new(4)],
+    };
+    net.core(1).change_membership(req).unwrap();
+    net.tick_all(5);
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    assert!(net.nodes[&1].membership().is_listener(4));
+    net.propose(1, "a");
+    net.tick_all(3);
+    assert_eq!(net.applied_commands(4), vec![cmd("a")]);
+    // A listener does not count: with two voters down, nothing commits.
+    net.cut.extend([2, 3]);
+    let (_, index) = net.propose(1, "b");
+    assert!(net.commit(1) < index);
+    net.cut.clear();
+    net.tick_all(3);
+    // Promotion through Add.
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    net.tick_all(5);
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    assert!(net.nodes[&1].membership().voters.contains_key(&4));
+    assert!(!net.nodes[&1].membership().listeners.contains_key(&4));
+}
+
+#[test]
+fn t40_new_leader_finishes_a_joint_change_it_inherits() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.add_empty(4);
+    // n4 is a caught-up listener first, so promoting it needs no staging and
+    // the joint entry is appended at once.
+    let listener = ConfChangeRequest {
+        mode: ConfChangeMode::Add,
+        voters: vec![],
+        listeners: vec![PeerInfo::new(4)],
+    };
+    net.core(1).change_membership(listener).unwrap();
+    net.tick_all(5);
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    // The joint entry reaches everyone, but n1 never hears back.
+    net.blocked.extend([(2, 1), (3, 1), (4, 1)]);
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    net.flush();
+    assert!(
+        net.nodes[&2].membership().is_joint(),
+        "n2 has the joint membership"
+    );
+    net.crash(1);
+    net.blocked.clear();
+    net.tick_all(60);
+    let leaders = net.leaders();
+    assert_eq!(leaders.len(), 1);
+    for id in 2..=4 {
+        let m = net.nodes[&id].membership();
+        assert!(!m.is_joint(), "n{id} moved on to the final membership");
+        assert!(m.voters.contains_key(&4));
+    }
+}
+
+// --------------------------------------------------------------------------
+// 50: leadership transfer
+// --------------------------------------------------------------------------
+
+#[test]
+fn t50_transfer_to_caught_up_follower_refuses_writes_meanwhile() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.blocked.insert((1, 2)); // hold the StartElection back for a moment
+    net.core(1).transfer_leadership(Some(2), 20).unwrap();
+    assert_eq!(
+        net.core(1).propose(cmd("b")),
+        Err(ProposeError::SteppingDown)
+    );
+    net.blocked.clear();
+    net.tick_all(3);
+    assert_eq!(net.leaders(), vec![2]);
+    let done = transfer_done(&net.take_events(1)).expect("transfer reported");
+    assert_eq!(done.unwrap().target, 2);
+}
+
+#[test]
+fn t50_transfer_waits_until_the_target_holds_the_last_entry() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    for _ in 0..3 {
+        net.propose(1, "a");
+    }
+    net.cut.clear();
+    net.core(1).transfer_leadership(Some(3), 40).unwrap();
+    // The lost appends are retransmitted after `retransmit_ticks`.
+    net.tick_all(20);
+    assert_eq!(net.leaders(), vec![3], "n3 caught up, then took over");
+    assert_eq!(net.applied_commands(3).len(), 3);
+}
+
+#[test]
+fn t50_transfer_times_out_and_the_leader_serves_again() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    net.core(1).transfer_leadership(Some(3), 10).unwrap();
+    net.tick_all(12);
+    assert_eq!(
+        transfer_done(&net.take_events(1)),
+        Some(Err(TransferError::Timeout { target: 3 }))
+    );
+    assert_eq!(net.leaders(), vec![1]);
+    assert!(net.core(1).propose(cmd("ok")).is_ok());
+}
+
+#[test]
+fn t50_transfer_errors_and_step_down_picks_the_best_voter() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    assert_eq!(
+        net.core(1).transfer_leadership(Some(9), 10),
+        Err(TransferError::NotAVoter(9))
+    );
+    assert_eq!(
+        net.core(2).transfer_leadership(Some(3), 10),
+        Err(TransferError::NotLeader { leader: Some(1) })
+    );
+    net.cut.insert(3);
+    net.propose(1, "a");
+    net.core(1).transfer_leadership(None, 20).unwrap();
+    assert_eq!(
+        net.core(1).transfer_leadership(None, 20),
+        Err(TransferError::InProgress)
+    );
+    net.tick_all(3);
+    assert_eq!(
+        net.leaders(),
+        vec![2],
+        "step-down hands over to the caught-up n2, not n3"
+    );
+}
+
+#[test]
+fn t50_transfer_refused_during_a_membership_change() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    assert_eq!(
+        net.core(1).transfer_leadership(Some(2), 10),
+        Err(TransferError::MembershipChanging)
+    );
+}
+
+// --------------------------------------------------------------------------
+// 60: reads
+// --------------------------------------------------------------------------
+
+fn read_ready(events: &[Event], ctx: u64) -> Option<Index> {
+    events.iter().find_map(|e| match e {
+        Event::ReadReady { ctx: c, index } if *c == ctx => Some(*index),
+        _ => None,
+    })
+}
+
+#[test]
+fn t60_read_index_waits_for_a_heartbeat_quorum() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let (_, index) = net.propose(1, "a");
+    net.cut.extend([2, 3]);
+    net.core(1).read_index(7);
+    net.flush();
+    assert_eq!(
+        read_ready(&net.take_events(1), 7),
+        None,
+        "no quorum, no read"
+    );
+    net.cut.clear();
+    net.tick_all(2);
+    assert_eq!(read_ready(&net.take_events(1), 7), Some(index));
+}
+
+#[test]
+fn t60_follower_read_index_goes_through_the_leader() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let (_, index) = net.propose(1, "a");
+    net.core(3).read_index(11);
+    net.flush();
+    assert_eq!(read_ready(&net.take_events(3), 11), Some(index));
+    // Without a known leader it fails at once.
+    let mut lone = Net::new(3);
+    lone.core(2).read_index(12);
+    lone.flush();
+    assert!(
+        lone.take_events(2)
+            .iter()
+            .any(|e| matches!(e, Event::ReadFailed { ctx: 12, .. }))
+    );
+}
+
+#[test]
+fn t60_lease_serves_reads_without_a_round_and_expires() {
+    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
+    let mut net = Net::default();
+    for id in 1..=3 {
+        net.disks.insert(
+            id,
+            Disk {
+                snapshot: SnapshotMeta {
+                    membership: m.clone(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let mut c = cfg(id);
+        c.leader_lease = true;
+        net.start(id, c);
+    }
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(2);
+    net.delivered.clear();
+    net.core(1).read_index(1);
+    let ready = net.core(1).take_ready();
+    assert!(
+        read_ready(&ready.events, 1).is_some(),
+        "answered within the lease"
+    );
+    assert!(ready.messages.is_empty(), "without a heartbeat round");
+    // Cut off, the lease runs out before any other leader can be elected.
+    net.cut.extend([2, 3]);
+    net.tick_all(8);
+    net.core(1).read_index(2);
+    let ready = net.core(1).take_ready();
+    assert!(read_ready(&ready.events, 2).is_none(), "lease expired");
+}
+
+#[test]
+fn t60_new_leader_reads_wait_until_it_commits_in_its_term() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.crash(1);
+    // n3 votes for n2 but never receives its appends.
+    net.filter = Some(Box::new(|_, env| {
+        !(env.from == 2 && env.to == 3 && matches!(env.msg, Message::AppendEntries(_)))
+    }));
+    net.elect(2);
+    // n2 cannot commit its no-op without n3 (n1 is down).
+    net.core(2).read_index(5);
+    net.flush();
+    assert_eq!(read_ready(&net.take_events(2), 5), None);
+    net.filter = None;
+    net.tick_all(3);
+    assert!(read_ready(&net.take_events(2), 5).is_some());
+}
+
+// --------------------------------------------------------------------------
+// 70: restarts
+// --------------------------------------------------------------------------
+
+#[test]
+fn t70_restart_keeps_exactly_what_was_durable() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let (_, durable) = net.propose(1, "a");
+    net.hold.insert(1);
+    net.cut.extend([2, 3]);
+    net.core(1).propose(cmd("lost")).unwrap();
+    net.flush();
+    net.crash(1);
+    net.start(1, cfg(1));
+    let log = net.nodes[&1].log();
+    assert_eq!(
+        log.last_index(),
+        durable,
+        "the unsynced entry is gone, the synced one stays"
+    );
+    assert_eq!(net.nodes[&1].hard_state(), net.disks[&1].hard_state);
+}
