@@ -236,10 +236,16 @@ struct Disk {
 }
 
 struct DiskJob {
-    number: u64,
+    /// The Ready this job persists; `None` for a local snapshot.
+    number: Option<u64>,
     done_at: Time,
     hard_state: Option<HardState>,
+    /// A snapshot received from the leader.
     snapshot: Option<(SnapshotMeta, Arc<Kv>)>,
+    /// A snapshot this member took: written, then the log purged up to it,
+    /// in order behind every earlier write (a purge that overtook a pending
+    /// truncation left a stale suffix behind the snapshot: seed 108249).
+    local_snapshot: Option<(SnapshotMeta, Arc<Kv>)>,
     entries: Vec<Entry>,
     messages: Vec<Envelope>,
 }
@@ -265,6 +271,8 @@ struct Node {
     ready_reads: Vec<(Index, usize, u64, u64)>,
     /// Highest commit index seen in this incarnation.
     seen_commit: Index,
+    /// Index of the last local snapshot queued for writing.
+    snapshot_queued: Index,
     last_role: Role,
     last_term: Term,
 }
@@ -389,6 +397,7 @@ impl Sim {
                     reads: BTreeMap::new(),
                     ready_reads: Vec::new(),
                     seen_commit: 0,
+                    snapshot_queued: 0,
                     last_role: Role::Follower,
                     last_term: 0,
                 },
@@ -528,13 +537,18 @@ impl Sim {
             node.disk.hard_state,
             node.disk.snapshot.clone(),
             entries,
-        )
-        .expect("valid config");
+        );
+        let core = match core {
+            Ok(core) => core,
+            Err(e) => return self.fail(format!("n{id} cannot restart from its disk: {e}")),
+        };
+        let node = self.nodes.get_mut(&id).expect("node");
         node.up = true;
         node.incarnation = incarnation;
         node.kv = (*node.disk.snapshot_data).clone();
         node.applied = node.disk.snapshot.index;
         node.seen_commit = core.log().committed();
+        node.snapshot_queued = node.disk.snapshot.index;
         node.last_role = Role::Follower;
         node.last_term = core.term();
         node.core = Some(core);
@@ -613,37 +627,21 @@ impl Sim {
         }
         // 3. The disk job, in order behind earlier ones.
         let empty = hard_state.is_none() && snapshot.is_none() && entries.is_empty();
-        let node = self.nodes.get_mut(&id).expect("node");
-        let prev_done = node.jobs.back().map_or(self.now, |j| j.done_at);
         let latency = if empty {
             0
         } else {
             self.rng.random_range(MS / 10..=self.f.disk_latency_max)
         };
         let job = DiskJob {
-            number,
-            done_at: prev_done.max(self.now) + latency,
+            number: Some(number),
+            done_at: 0,
             hard_state,
             snapshot,
+            local_snapshot: None,
             entries,
             messages: persisted_messages,
         };
-        let node = self.nodes.get_mut(&id).expect("node");
-        let inline = empty && node.jobs.is_empty();
-        if inline {
-            self.complete_job(id, job);
-        } else {
-            let done_at = job.done_at;
-            let incarnation = node.incarnation;
-            node.jobs.push_back(job);
-            self.schedule(
-                done_at,
-                EventKind::DiskDone {
-                    node: id,
-                    incarnation,
-                },
-            );
-        }
+        self.enqueue(id, job, latency);
         // 4. Apply.
         self.apply(id, committed_entries);
         // 5. Snapshots for lagging followers.
@@ -663,6 +661,26 @@ impl Sim {
         }
         self.serve_ready_reads(id);
         self.maybe_snapshot(id);
+    }
+
+    /// Queues a disk job behind the earlier ones; one with nothing to write
+    /// and nothing ahead of it completes at once.
+    fn enqueue(&mut self, id: NodeId, mut job: DiskJob, latency: Time) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        if latency == 0 && node.jobs.is_empty() {
+            return self.complete_job(id, job);
+        }
+        let prev_done = node.jobs.back().map_or(self.now, |j| j.done_at);
+        job.done_at = prev_done.max(self.now) + latency;
+        let (done_at, incarnation) = (job.done_at, node.incarnation);
+        node.jobs.push_back(job);
+        self.schedule(
+            done_at,
+            EventKind::DiskDone {
+                node: id,
+                incarnation,
+            },
+        );
     }
 
     fn complete_job(&mut self, id: NodeId, job: DiskJob) {
@@ -699,12 +717,27 @@ impl Sim {
                 }
             }
         }
+        let mut compact = None;
+        if let Some((meta, data)) = job.local_snapshot {
+            if meta.index > node.disk.snapshot.index {
+                node.disk.log.retain(|i, _| *i > meta.index);
+                node.disk.snapshot = meta.clone();
+                node.disk.snapshot_data = data;
+            }
+            compact = Some(meta.index);
+        }
         for env in job.messages {
             self.send_raft(env);
         }
         self.check_disk(id, "disk write");
         if let Some(core) = self.core(id) {
-            core.on_persisted(job.number);
+            if let Some(number) = job.number {
+                core.on_persisted(number);
+            }
+            // Only a durable snapshot lets the core forget entries.
+            if let Some(index) = compact.filter(|i| *i > core.log().snapshot_index()) {
+                core.compact(index);
+            }
         }
     }
 
@@ -712,16 +745,16 @@ impl Sim {
     /// snapshot. A hole here is a bug in the shell contract or in this shell.
     fn check_disk(&mut self, id: NodeId, after: &str) {
         let disk = &self.nodes[&id].disk;
-        let mut expect = disk.snapshot.index + 1;
-        for i in disk.log.keys().filter(|i| **i > disk.snapshot.index) {
-            if *i != expect {
-                let what = format!(
-                    "n{id} disk has a hole after {after}: snapshot at {}, expected entry {expect}, found {i}",
-                    disk.snapshot.index
-                );
-                return self.fail(what);
-            }
-            expect += 1;
+        let after_snapshot = disk.log.keys().filter(|i| **i > disk.snapshot.index);
+        let hole = (disk.snapshot.index + 1..)
+            .zip(after_snapshot)
+            .find(|(want, got)| want != *got);
+        if let Some((want, got)) = hole {
+            let what = format!(
+                "n{id} disk has a hole after {after}: snapshot at {}, expected entry {want}, found {got}",
+                disk.snapshot.index
+            );
+            self.fail(what);
         }
     }
 
@@ -858,18 +891,25 @@ impl Sim {
         let Some(core) = node.core.as_mut() else {
             return;
         };
-        if node.applied < node.disk.snapshot.index + every {
+        if node.applied < node.snapshot_queued + every {
             return;
         }
         let index = node.applied;
         let Some(meta) = core.snapshot_meta(index) else {
             return;
         };
-        node.disk.snapshot = meta;
-        node.disk.snapshot_data = Arc::new(node.kv.clone());
-        node.disk.log.retain(|i, _| *i > index);
-        core.compact(index);
-        self.check_disk(id, "local snapshot");
+        node.snapshot_queued = index;
+        let job = DiskJob {
+            number: None,
+            done_at: 0,
+            hard_state: None,
+            snapshot: None,
+            local_snapshot: Some((meta, Arc::new(node.kv.clone()))),
+            entries: Vec::new(),
+            messages: Vec::new(),
+        };
+        let latency = self.rng.random_range(MS / 10..=self.f.disk_latency_max);
+        self.enqueue(id, job, latency);
     }
 
     // ------------------------------------------------------------------
@@ -1497,6 +1537,19 @@ impl Sim {
             node.last_term = core.term();
             if is_new_leader {
                 new_leaders.push((node.id, core.term()));
+                let log = core.log();
+                if let Some((i, _)) = self
+                    .oracle
+                    .acked
+                    .range(log.snapshot_index() + 1..)
+                    .find(|(i, p)| log.get(**i).is_none_or(|e| e.payload != **p))
+                {
+                    problems.push(format!(
+                        "acknowledged write at {i} missing from n{} leading term {}",
+                        node.id,
+                        core.term()
+                    ));
+                }
                 // Leader completeness: every committed entry is in its log.
                 let log = core.log();
                 for (i, (t, _)) in self.oracle.committed.range(log.snapshot_index() + 1..) {

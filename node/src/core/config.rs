@@ -117,6 +117,15 @@ impl Config {
     }
 }
 
+/// Why a core could not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the durable log is inconsistent: {0}")]
+    Log(#[from] super::log::RestoreError),
+}
+
 /// A configuration the core refuses to run with.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {

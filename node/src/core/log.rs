@@ -18,6 +18,20 @@ use std::collections::VecDeque;
 use super::membership::Membership;
 use super::types::{Entry, EntryPayload, Index, SnapshotMeta, Term};
 
+/// Durable state that cannot be a Raft log. Never repaired silently: the
+/// storage layer reports it with the file and offset and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("log entry {expected} is missing (the next entry found is {found})")]
+    Gap { expected: Index, found: Index },
+    #[error("log entry {index} has term {term}, lower than the {previous} before it")]
+    TermRegression {
+        index: Index,
+        term: Term,
+        previous: Term,
+    },
+}
+
 #[derive(Debug, Default)]
 pub struct RaftLog {
     snapshot_index: Index,
@@ -38,7 +52,7 @@ pub struct RaftLog {
 impl RaftLog {
     /// A log restored from durable state: the latest snapshot and the entries
     /// after it. Everything passed in is durable by definition.
-    pub fn restore(snapshot: SnapshotMeta, entries: Vec<Entry>) -> Self {
+    pub fn restore(snapshot: SnapshotMeta, entries: Vec<Entry>) -> Result<Self, RestoreError> {
         let mut log = RaftLog {
             snapshot_index: snapshot.index,
             snapshot_term: snapshot.term,
@@ -51,16 +65,24 @@ impl RaftLog {
             if e.index <= log.snapshot_index {
                 continue;
             }
-            assert_eq!(
-                e.index,
-                log.last_index() + 1,
-                "restored log has a gap before {}",
-                e.index
-            );
+            if e.index != log.last_index() + 1 {
+                return Err(RestoreError::Gap {
+                    expected: log.last_index() + 1,
+                    found: e.index,
+                });
+            }
+            if e.term < log.last_term() {
+                let previous = log.last_term();
+                return Err(RestoreError::TermRegression {
+                    index: e.index,
+                    term: e.term,
+                    previous,
+                });
+            }
             log.push(e);
         }
         log.durable = log.last_index();
-        log
+        Ok(log)
     }
 
     fn push(&mut self, e: Entry) {
@@ -370,7 +392,7 @@ mod tests {
             .enumerate()
             .map(|(i, t)| e(*t, i as Index + 1))
             .collect();
-        RaftLog::restore(SnapshotMeta::default(), entries)
+        RaftLog::restore(SnapshotMeta::default(), entries).unwrap()
     }
 
     #[test]
@@ -385,6 +407,32 @@ mod tests {
         assert_eq!(unstable.first().map(|e| e.index), Some(3));
         assert_eq!(unstable.len(), 3);
         log.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn t10_restore_refuses_gaps_and_term_regressions() {
+        let snap = SnapshotMeta {
+            index: 15,
+            term: 2,
+            ..Default::default()
+        };
+        // A stale entry behind a newer snapshot (the purge-overtook-truncation
+        // case): refused, not loaded.
+        assert_eq!(
+            RaftLog::restore(snap.clone(), vec![e(1, 16)]).err(),
+            Some(RestoreError::TermRegression {
+                index: 16,
+                term: 1,
+                previous: 2
+            })
+        );
+        assert_eq!(
+            RaftLog::restore(snap, vec![e(2, 17)]).err(),
+            Some(RestoreError::Gap {
+                expected: 16,
+                found: 17
+            })
+        );
     }
 
     #[test]

@@ -32,9 +32,9 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, StartError};
 pub use error::{ConfChangeError, ProposeError, ReadError, TransferError, Transferred};
-pub use log::RaftLog;
+pub use log::{RaftLog, RestoreError};
 pub use membership::{Membership, MembershipError, PeerInfo};
 pub use message::*;
 pub use raft::{ConfChangeMode, ConfChangeRequest, ProgressState, RaftCore, Status};

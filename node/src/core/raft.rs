@@ -29,7 +29,7 @@ use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::config::{Config, ConfigError};
+use super::config::{Config, StartError};
 use super::error::{ConfChangeError, ProposeError, ReadError, TransferError, Transferred};
 use super::log::RaftLog;
 use super::membership::{Membership, PeerInfo};
@@ -200,6 +200,16 @@ struct LeaderState {
     broadcast_pending: bool,
 }
 
+/// A taken Ready whose writes are not yet durable.
+#[derive(Clone, Copy, Debug)]
+struct Unpersisted {
+    number: u64,
+    /// Last entry the Ready wrote, if any.
+    last: Option<(Index, Term)>,
+    /// The term the Ready's hard state carries (or the one already durable).
+    term: Term,
+}
+
 /// One member of one Raft group. See the module docs.
 #[derive(Debug)]
 pub struct RaftCore {
@@ -231,7 +241,7 @@ pub struct RaftCore {
     remote_reads: BTreeSet<u64>,
     ready_number: u64,
     /// Taken Readies not yet durable: number, last entry written, term.
-    unpersisted: VecDeque<(u64, Option<(Index, Term)>, Term)>,
+    unpersisted: VecDeque<Unpersisted>,
     out: Ready,
 }
 
@@ -245,7 +255,7 @@ impl RaftCore {
         hard_state: HardState,
         snapshot: SnapshotMeta,
         entries: Vec<Entry>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, StartError> {
         cfg.validate()?;
         let mut rng = SmallRng::seed_from_u64(cfg.rng_seed);
         let randomized_timeout =
@@ -259,7 +269,7 @@ impl RaftCore {
             durable_term: hard_state.term,
             role: Role::Follower,
             leader: None,
-            log: RaftLog::restore(snapshot, entries),
+            log: RaftLog::restore(snapshot, entries)?,
             rng,
             now: 0,
             election_elapsed: 0,
@@ -437,14 +447,15 @@ impl RaftCore {
     /// The shell made the Ready numbered `number` (and all before it) durable.
     pub fn on_persisted(&mut self, number: u64) {
         let mut advanced = false;
-        while self
+        while let Some(u) = self
             .unpersisted
             .front()
-            .is_some_and(|(n, _, _)| *n <= number)
+            .copied()
+            .filter(|u| u.number <= number)
         {
-            let (_, last, term) = self.unpersisted.pop_front().expect("checked");
-            self.durable_term = self.durable_term.max(term);
-            if let Some((index, entry_term)) = last {
+            self.unpersisted.pop_front();
+            self.durable_term = self.durable_term.max(u.term);
+            if let Some((index, entry_term)) = u.last {
                 advanced |= self.log.persisted(index, entry_term);
             }
         }
@@ -462,8 +473,11 @@ impl RaftCore {
         self.applied = self.applied.max(index);
     }
 
-    /// The shell saved a snapshot at `index` (≤ applied); entries up to it may
-    /// go. Storage purges its own files.
+    /// The shell saved a snapshot at `index` (≤ applied) and it is durable;
+    /// entries up to it may go. Storage purges its own log files, but only
+    /// after every write of the Readies taken before the snapshot: a purge
+    /// that overtakes a pending truncation leaves a stale suffix behind the
+    /// snapshot for the next start to trip over.
     pub fn compact(&mut self, index: Index) {
         assert!(
             index <= self.applied,
@@ -570,7 +584,11 @@ impl RaftCore {
         ready.number = self.ready_number;
         if ready.hard_state.is_some() || ready.snapshot.is_some() || !ready.entries.is_empty() {
             let last = ready.entries.last().map(|e| (e.index, e.term));
-            self.unpersisted.push_back((ready.number, last, self.term));
+            self.unpersisted.push_back(Unpersisted {
+                number: ready.number,
+                last,
+                term: self.term,
+            });
         }
         ready
     }

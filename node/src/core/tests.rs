@@ -28,6 +28,9 @@ struct Disk {
     log: BTreeMap<Index, Entry>,
 }
 
+/// Decides whether a message is delivered, seeing the whole network.
+type Filter = dyn Fn(&Net, &Envelope) -> bool;
+
 #[derive(Default)]
 struct Net {
     nodes: BTreeMap<NodeId, RaftCore>,
@@ -46,7 +49,7 @@ struct Net {
     /// Every message delivered, for tests that count round trips.
     delivered: Vec<Envelope>,
     /// Drops the messages for which it returns false.
-    filter: Option<Box<dyn Fn(&Net, &Envelope) -> bool>>,
+    filter: Option<Box<Filter>>,
 }
 
 impl Net {
