@@ -7,11 +7,17 @@ use std::time::Instant;
 use kuberaft_tests::sim::{SimOptions, SimStats, run};
 
 fn run_seeds(members: usize, seeds: std::ops::Range<u64>) -> SimStats {
+    run_seeds_with(members, seeds, SimOptions::new(0, members).chaos_ms)
+}
+
+fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) -> SimStats {
     let started = Instant::now();
     let mut total = SimStats::default();
     let count = seeds.end - seeds.start;
     for seed in seeds {
-        match run(SimOptions::new(seed, members)) {
+        let mut opts = SimOptions::new(seed, members);
+        opts.chaos_ms = chaos_ms;
+        match run(opts) {
             Ok(s) => {
                 total.ops_completed += s.ops_completed;
                 total.crashes += s.crashes;
@@ -47,13 +53,21 @@ fn run_seeds(members: usize, seeds: std::ops::Range<u64>) -> SimStats {
 }
 
 #[test]
-fn t80_three_member_groups_300_seeds() {
-    run_seeds(3, 0..300);
+fn t80_three_member_groups_1500_seeds() {
+    run_seeds(3, 0..1500);
 }
 
 #[test]
-fn t80_five_member_groups_200_seeds() {
-    run_seeds(5, 10_000..10_200);
+fn t80_five_member_groups_800_seeds() {
+    run_seeds(5, 10_000..10_800);
+}
+
+/// Longer runs: faults for 40 virtual seconds, so logs grow, snapshots roll
+/// and membership drifts far from where it started.
+#[test]
+fn t80_long_chaos_150_seeds() {
+    run_seeds_with(3, 20_000..20_100, 40_000);
+    run_seeds_with(5, 30_000..30_050, 40_000);
 }
 
 #[test]
