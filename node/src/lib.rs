@@ -1,8 +1,12 @@
 //! kuberaft node: a multi-group Raft server modelled on Apache Ratis.
 //!
-//! - [`core`]: the sans-IO consensus core (one value per group member).
+//! - [`core`]: the sans-IO consensus core (one value per group member);
+//! - [`storage`]: the segmented log, metadata and snapshot files;
+//! - [`convert`]: core types to and from the `kuberaft.v1` protobufs.
 //!
 //! The storage, state machines, server shell, rpc services, HTTP endpoints and
 //! client library land in later modules (see DESIGN.md §1).
 
+pub mod convert;
 pub mod core;
+pub mod storage;

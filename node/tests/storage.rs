@@ -1,0 +1,334 @@
+//! Storage tests: the conformance suite on both log implementations, then
+//! what the segmented log does with damaged files, a full disk and a failed
+//! fsync, and the metadata file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kuberaft_node::core::{HardState, Membership, PeerInfo};
+use kuberaft_node::storage::fs::{FaultyFs, FileSystem, StdFs};
+use kuberaft_node::storage::testing::{LogFactory, entry, run_conformance};
+use kuberaft_node::storage::{
+    LogOptions, LogStore, MemLog, Meta, MetaStore, SegmentedLog, StorageError,
+};
+
+struct MemFactory;
+
+impl LogFactory for MemFactory {
+    type Log = MemLog;
+    fn create(&mut self) -> MemLog {
+        MemLog::new(0)
+    }
+    fn reopen(&mut self, log: MemLog) -> MemLog {
+        log
+    }
+}
+
+/// Segmented logs in fresh directories, with small segments so every check
+/// crosses segment boundaries.
+struct SegFactory {
+    root: tempfile::TempDir,
+    n: usize,
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+}
+
+fn small() -> LogOptions {
+    LogOptions {
+        segment_size_max_bytes: 1024,
+        preallocate_bytes: 256,
+        write_buffer_bytes: 100,
+        cache_max_bytes: 2048,
+        truncate_on_corruption: false,
+    }
+}
+
+impl SegFactory {
+    fn new(fs: Arc<dyn FileSystem>) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().to_path_buf();
+        SegFactory {
+            root,
+            n: 0,
+            fs,
+            dir,
+        }
+    }
+}
+
+impl LogFactory for SegFactory {
+    type Log = SegmentedLog;
+    fn create(&mut self) -> SegmentedLog {
+        self.n += 1;
+        self.dir = self.root.path().join(format!("log{}", self.n));
+        SegmentedLog::open(self.fs.clone(), &self.dir, small(), 0).unwrap()
+    }
+    fn reopen(&mut self, log: SegmentedLog) -> SegmentedLog {
+        let base = log.first_index() - 1;
+        drop(log);
+        SegmentedLog::open(self.fs.clone(), &self.dir, small(), base).unwrap()
+    }
+}
+
+#[test]
+fn t10_mem_log_passes_the_conformance_suite() {
+    run_conformance(&mut MemFactory);
+}
+
+#[test]
+fn t10_segmented_log_passes_the_conformance_suite() {
+    run_conformance(&mut SegFactory::new(Arc::new(StdFs)));
+    run_conformance(&mut SegFactory::new(Arc::new(FaultyFs::new())));
+}
+
+#[test]
+fn t10_segments_roll_on_size_and_on_term_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(Arc::new(StdFs), dir.path(), small(), 0).unwrap();
+    log.append(&(1..=3).map(|i| entry(1, i)).collect::<Vec<_>>())
+        .unwrap();
+    log.append(&[entry(2, 4)]).unwrap();
+    log.sync().unwrap();
+    let names = list(dir.path());
+    assert_eq!(
+        names,
+        vec!["log_1-3", "log_inprogress_4"],
+        "a new term starts a new segment"
+    );
+    log.append(&(5..=60).map(|i| entry(2, i)).collect::<Vec<_>>())
+        .unwrap();
+    log.sync().unwrap();
+    assert!(log.segment_count() > 3, "1 KiB segments roll by size");
+}
+
+fn list(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A log of 60 entries over several segments, synced and closed.
+fn written_log() -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(Arc::new(StdFs), dir.path(), small(), 0).unwrap();
+    log.append(&(1..=30).map(|i| entry(1, i)).collect::<Vec<_>>())
+        .unwrap();
+    log.append(&(31..=60).map(|i| entry(2, i)).collect::<Vec<_>>())
+        .unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let names = list(dir.path());
+    (dir, names)
+}
+
+fn open(dir: &Path) -> Result<SegmentedLog, StorageError> {
+    SegmentedLog::open(Arc::new(StdFs), dir, small(), 0)
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let mut data = std::fs::read(path).unwrap();
+    data[offset as usize] ^= 0x5a;
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn t20_torn_tail_of_the_open_segment_is_cut_off() {
+    let (dir, names) = written_log();
+    let open_seg = dir.path().join(names.last().unwrap());
+    let len = std::fs::metadata(&open_seg).unwrap().len();
+    // Half of the last record is gone, as if the machine died mid-write.
+    let data = std::fs::read(&open_seg).unwrap();
+    let data_end = data.iter().rposition(|b| *b != 0).unwrap() as u64 + 1;
+    assert!(data_end <= len);
+    std::fs::write(&open_seg, &data[..(data_end - 10) as usize]).unwrap();
+    let log = open(dir.path()).expect("a torn tail is not an error");
+    assert_eq!(log.last_index(), 59, "only the torn entry is lost");
+    assert_eq!(log.entries(59, 59).unwrap(), vec![entry(2, 59)]);
+}
+
+#[test]
+fn t20_flipped_byte_inside_the_open_segment_is_refused_with_file_and_offset() {
+    let (dir, names) = written_log();
+    let open_seg = dir.path().join(names.last().unwrap());
+    // Damage the first record (right after the 16-byte header); valid
+    // records follow it, so this is not a torn write.
+    flip_byte(&open_seg, 16 + 6);
+    let err = open(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, StorageError::Corrupt { offset: 16, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&names.last().unwrap().to_string()) && msg.contains("byte 16"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("truncate_on_corruption"),
+        "says what to do: {msg}"
+    );
+}
+
+#[test]
+fn t20_flipped_byte_in_a_closed_segment_is_refused_or_truncated_on_request() {
+    let (dir, names) = written_log();
+    let closed = dir.path().join(&names[1]);
+    flip_byte(&closed, 40);
+    let err = open(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, StorageError::Corrupt { ref file, .. } if file == &closed),
+        "{err}"
+    );
+    // With the explicit option, the log is cut at the bad record.
+    let opts = LogOptions {
+        truncate_on_corruption: true,
+        ..small()
+    };
+    let log = SegmentedLog::open(Arc::new(StdFs), dir.path(), opts, 0).unwrap();
+    let first_of_damaged: u64 = names[1]
+        .trim_start_matches("log_")
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        log.last_index() < first_of_damaged + 2,
+        "cut at the damaged record"
+    );
+    assert_eq!(
+        log.entries(1, 3).unwrap(),
+        (1..=3).map(|i| entry(1, i)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn t20_truncated_closed_segment_is_refused() {
+    let (dir, names) = written_log();
+    let closed = dir.path().join(&names[0]);
+    let data = std::fs::read(&closed).unwrap();
+    std::fs::write(&closed, &data[..data.len() - 3]).unwrap();
+    let err = open(dir.path()).unwrap_err();
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn t20_deleted_middle_segment_is_a_gap() {
+    let (dir, names) = written_log();
+    assert!(names.len() >= 3);
+    std::fs::remove_file(dir.path().join(&names[1])).unwrap();
+    let err = open(dir.path()).unwrap_err();
+    assert!(matches!(err, StorageError::Gap { .. }), "{err}");
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn t20_garbage_segment_header_is_refused() {
+    let (dir, names) = written_log();
+    std::fs::write(
+        dir.path().join(&names[0]),
+        b"this is not a log segment at all",
+    )
+    .unwrap();
+    let err = open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("wrong magic"), "{err}");
+}
+
+#[test]
+fn t30_full_disk_fails_the_write_keeps_synced_entries_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FaultyFs::new();
+    let mut log = SegmentedLog::open(Arc::new(fs.clone()), dir.path(), small(), 0).unwrap();
+    log.append(&(1..=10).map(|i| entry(1, i)).collect::<Vec<_>>())
+        .unwrap();
+    log.sync().unwrap();
+    fs.set(|f| f.space_left = Some(50));
+    let more: Vec<_> = (11..=40).map(|i| entry(1, i)).collect();
+    let err = log.append(&more).and_then(|_| log.sync()).unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    assert!(
+        err.to_string().contains("free disk space"),
+        "says what to do: {err}"
+    );
+    // Space returns: retrying the same append on the same log finishes it.
+    fs.set(|f| f.space_left = None);
+    log.append(&more).unwrap();
+    assert_eq!(log.sync().unwrap(), 40);
+    drop(log);
+    let log = SegmentedLog::open(Arc::new(StdFs), dir.path(), small(), 0).unwrap();
+    assert_eq!(
+        log.entries(1, 40).unwrap(),
+        (1..=40).map(|i| entry(1, i)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn t30_full_disk_then_crash_loses_nothing_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FaultyFs::new();
+    let mut log = SegmentedLog::open(Arc::new(fs.clone()), dir.path(), small(), 0).unwrap();
+    log.append(&(1..=10).map(|i| entry(1, i)).collect::<Vec<_>>())
+        .unwrap();
+    log.sync().unwrap();
+    fs.set(|f| f.space_left = Some(30));
+    let _ = log
+        .append(&(11..=40).map(|i| entry(1, i)).collect::<Vec<_>>())
+        .and_then(|_| log.sync());
+    drop(log); // the member dies with a partly written record on disk
+    let log = SegmentedLog::open(Arc::new(StdFs), dir.path(), small(), 0).unwrap();
+    assert!(log.last_index() >= 10);
+    assert_eq!(
+        log.entries(1, 10).unwrap(),
+        (1..=10).map(|i| entry(1, i)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn t30_failed_fsync_stops_the_log_until_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FaultyFs::new();
+    let mut log = SegmentedLog::open(Arc::new(fs.clone()), dir.path(), small(), 0).unwrap();
+    log.append(&[entry(1, 1)]).unwrap();
+    fs.set(|f| f.fail_sync = true);
+    assert!(log.sync().is_err());
+    fs.set(|f| f.fail_sync = false);
+    let err = log.sync().unwrap_err();
+    assert!(matches!(err, StorageError::Poisoned(_)), "{err}");
+    assert!(err.to_string().contains("restart"), "{err}");
+    assert!(log.append(&[entry(1, 2)]).is_err(), "no more writes");
+}
+
+#[test]
+fn t40_metadata_round_trips_and_garbage_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MetaStore::new(Arc::new(StdFs), dir.path());
+    assert_eq!(store.load().unwrap(), None, "a new member has no metadata");
+    let meta = Meta {
+        hard_state: HardState {
+            term: 7,
+            voted_for: Some(3),
+        },
+        initial_membership: Membership::with_voters([1, 2, 3].map(PeerInfo::new)),
+    };
+    store.store(&meta).unwrap();
+    assert_eq!(store.load().unwrap(), Some(meta.clone()));
+    let next = Meta {
+        hard_state: HardState {
+            term: 8,
+            voted_for: None,
+        },
+        ..meta
+    };
+    store.store(&next).unwrap();
+    assert_eq!(store.load().unwrap(), Some(next));
+    std::fs::write(dir.path().join("raft-meta"), b"garbage garbage garbage").unwrap();
+    let err = store.load().unwrap_err();
+    assert!(matches!(err, StorageError::CorruptMeta { .. }), "{err}");
+    assert!(
+        err.to_string().contains("new member id"),
+        "says what to do: {err}"
+    );
+}
