@@ -332,3 +332,153 @@ fn t40_metadata_round_trips_and_garbage_is_refused() {
         "says what to do: {err}"
     );
 }
+
+// --------------------------------------------------------------------------
+// The log worker (group commit)
+// --------------------------------------------------------------------------
+
+mod worker {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use kuberaft_node::storage::{Completion, LogWorker, WorkerState, WriteBatch};
+
+    use super::*;
+
+    fn big_segments() -> LogOptions {
+        LogOptions {
+            segment_size_max_bytes: 64 << 20,
+            ..LogOptions::default()
+        }
+    }
+
+    fn state(fs: &FaultyFs, dir: &Path) -> WorkerState {
+        let fs: Arc<dyn FileSystem> = Arc::new(fs.clone());
+        let log = SegmentedLog::open(fs.clone(), dir, big_segments(), 0).unwrap();
+        WorkerState::new(log, MetaStore::new(fs, dir), Meta::default())
+    }
+
+    fn batch(ready: u64) -> WriteBatch {
+        WriteBatch {
+            ready,
+            entries: vec![entry(1, ready)],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn t50_one_fsync_for_a_whole_group_of_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let mut st = state(&fs, dir.path());
+        let before = fs.syncs();
+        let done = st.commit_group((1..=100).map(batch).collect());
+        assert_eq!(
+            done,
+            vec![Completion::Durable {
+                ready: 100,
+                last_index: 100
+            }]
+        );
+        assert_eq!(fs.syncs() - before, 1, "100 requests, one fdatasync");
+    }
+
+    #[test]
+    fn t50_hard_state_is_written_with_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let mut st = state(&fs, dir.path());
+        let hs = HardState {
+            term: 4,
+            voted_for: Some(2),
+        };
+        let b = WriteBatch {
+            ready: 1,
+            hard_state: Some(hs),
+            entries: vec![entry(4, 1)],
+            ..Default::default()
+        };
+        st.commit_group(vec![b]);
+        let meta = MetaStore::new(Arc::new(StdFs), dir.path())
+            .load()
+            .unwrap()
+            .unwrap();
+        assert_eq!(meta.hard_state, hs);
+    }
+
+    #[test]
+    fn t50_full_disk_is_reported_retried_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let mut st = state(&fs, dir.path());
+        assert!(matches!(
+            st.commit_group(vec![batch(1)])[..],
+            [Completion::Durable { ready: 1, .. }]
+        ));
+        // Preallocation already holds the next few entries; make the disk
+        // full for what comes after them.
+        fs.set(|f| f.space_left = Some(0));
+        let big: Vec<_> = (2..=2000).map(batch).collect();
+        let out = st.commit_group(big);
+        assert!(
+            matches!(&out[..], [Completion::Unhealthy { no_space: true, .. }]),
+            "{out:?}"
+        );
+        fs.set(|f| f.space_left = None);
+        let out = st.commit_group(vec![]);
+        assert_eq!(
+            out,
+            vec![
+                Completion::Healthy,
+                Completion::Durable {
+                    ready: 2000,
+                    last_index: 2000
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn t50_failed_fsync_is_fatal_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let mut st = state(&fs, dir.path());
+        fs.set(|f| f.fail_sync = true);
+        let out = st.commit_group(vec![batch(1)]);
+        assert!(matches!(&out[..], [Completion::Failed { .. }]), "{out:?}");
+    }
+
+    #[test]
+    fn t50_worker_thread_reports_every_batch_durable_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let (tx, rx) = mpsc::channel();
+        let worker = LogWorker::spawn(
+            state(&fs, dir.path()),
+            Duration::from_millis(20),
+            move |c| {
+                let _ = tx.send(c);
+            },
+        )
+        .unwrap();
+        for i in 1..=300 {
+            worker.submit(batch(i));
+        }
+        let mut last_ready = 0;
+        while last_ready < 300 {
+            match rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("worker answers within 30 s")
+            {
+                Completion::Durable { ready, last_index } => {
+                    assert!(ready > last_ready, "in order");
+                    assert_eq!(last_index, ready);
+                    last_ready = ready;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let log = worker.stop().expect("log handed back");
+        assert_eq!(log.last_index(), 300);
+    }
+}

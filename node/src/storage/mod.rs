@@ -15,6 +15,7 @@ mod log;
 mod mem;
 mod meta;
 pub mod testing;
+mod worker;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 pub use log::{LogOptions, SegmentedLog};
 pub use mem::MemLog;
 pub use meta::{Meta, MetaStore};
+pub use worker::{Completion, LogWorker, WorkerState, WriteBatch};
 
 use crate::core::{Entry, Index, Term};
 
