@@ -482,3 +482,264 @@ mod worker {
         assert_eq!(log.last_index(), 300);
     }
 }
+
+// --------------------------------------------------------------------------
+// Snapshots and whole-group recovery
+// --------------------------------------------------------------------------
+
+mod snapshots {
+    use kuberaft_node::core::SnapshotMeta;
+    use kuberaft_node::storage::SnapshotStore;
+
+    use super::*;
+
+    fn meta(term: u64, index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            index,
+            term,
+            membership: Membership::with_voters([1, 2, 3].map(PeerInfo::new)),
+        }
+    }
+
+    fn write(store: &SnapshotStore, term: u64, index: u64, body: &[u8]) {
+        let mut w = store.begin(meta(term, index)).unwrap();
+        w.write_chunk("state", 0, body).unwrap();
+        w.write_chunk("extra", 0, b"x").unwrap();
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn t70_written_snapshot_is_found_verified_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(Arc::new(StdFs), dir.path(), 2).unwrap();
+        assert_eq!(store.latest().unwrap(), None);
+        // A received snapshot arrives in chunks.
+        let mut w = store.begin(meta(2, 10)).unwrap();
+        w.write_chunk("state", 0, b"hello ").unwrap();
+        w.write_chunk("state", 6, b"world").unwrap();
+        let info = w.finish().unwrap();
+        assert_eq!(info.meta, meta(2, 10));
+        let latest = store.latest().unwrap().unwrap();
+        assert_eq!(latest, info);
+        assert_eq!(store.read_file(&latest, "state").unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn t70_retention_keeps_the_newest_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(Arc::new(StdFs), dir.path(), 2).unwrap();
+        for i in 1..=4 {
+            write(&store, 1, i * 10, b"s");
+        }
+        assert_eq!(list(dir.path()), vec!["snapshot_1_30", "snapshot_1_40"]);
+    }
+
+    #[test]
+    fn t70_unfinished_snapshot_is_never_seen_and_is_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SnapshotStore::open(Arc::new(StdFs), dir.path(), 2).unwrap();
+            write(&store, 1, 10, b"old");
+            let mut w = store.begin(meta(1, 20)).unwrap();
+            w.write_chunk("state", 0, b"half of it").unwrap();
+            // The member crashes here: the writer is dropped unfinished.
+            assert_eq!(store.latest().unwrap().unwrap().meta.index, 10);
+        }
+        let store = SnapshotStore::open(Arc::new(StdFs), dir.path(), 2).unwrap();
+        assert_eq!(
+            list(dir.path()),
+            vec!["snapshot_1_10"],
+            "the .tmp directory is gone"
+        );
+        assert_eq!(store.latest().unwrap().unwrap().meta.index, 10);
+    }
+
+    #[test]
+    fn t70_damaged_newest_snapshot_falls_back_to_an_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(Arc::new(StdFs), dir.path(), 3).unwrap();
+        write(&store, 1, 10, b"older");
+        write(&store, 1, 20, b"newer");
+        flip_byte(&dir.path().join("snapshot_1_20").join("state"), 2);
+        assert_eq!(store.latest().unwrap().unwrap().meta.index, 10);
+        let err = store.verify(&dir.path().join("snapshot_1_20")).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn t70_bad_file_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(Arc::new(StdFs), dir.path(), 2).unwrap();
+        let mut w = store.begin(meta(1, 1)).unwrap();
+        assert!(w.write_chunk("../escape", 0, b"x").is_err());
+        assert!(w.write_chunk("MANIFEST", 0, b"x").is_err());
+    }
+}
+
+mod recovery {
+    use bytes::Bytes;
+    use kuberaft_node::core::{Config, EntryPayload, RaftCore, Ready, Role};
+    use kuberaft_node::storage::{
+        GroupStorageOptions, RecoveredGroup, WorkerState, WriteBatch, open_group,
+    };
+
+    use super::*;
+
+    /// Runs a Ready through storage the way the node will: persist through
+    /// the worker state, then tell the core; apply committed commands.
+    fn execute(core: &mut RaftCore, st: &mut WorkerState, ready: Ready, applied: &mut Vec<Bytes>) {
+        let batch = WriteBatch {
+            ready: ready.number,
+            reset_to: None,
+            hard_state: ready.hard_state,
+            entries: ready.entries,
+        };
+        for c in st.commit_group(vec![batch]) {
+            if let Completion::Durable { ready, .. } = c {
+                core.on_persisted(ready);
+            }
+        }
+        if let Some(last) = ready.committed_entries.last().map(|e| e.index) {
+            for e in &ready.committed_entries {
+                if let EntryPayload::Command(b) = &e.payload {
+                    applied.push(b.clone());
+                }
+            }
+            core.applied(last);
+        }
+    }
+
+    fn drive(core: &mut RaftCore, st: &mut WorkerState, applied: &mut Vec<Bytes>) {
+        for _ in 0..10 {
+            let ready = core.take_ready();
+            if ready.is_empty() {
+                return;
+            }
+            execute(core, st, ready, applied);
+        }
+    }
+
+    fn opts() -> GroupStorageOptions {
+        GroupStorageOptions {
+            log: small(),
+            snapshots_retained: 2,
+        }
+    }
+
+    fn start(g: RecoveredGroup) -> (RaftCore, WorkerState) {
+        let core = RaftCore::new(
+            Config::new(1),
+            g.meta.hard_state,
+            g.snapshot.clone(),
+            g.entries,
+        )
+        .unwrap();
+        (core, WorkerState::new(g.log, g.meta_store, g.meta))
+    }
+
+    use kuberaft_node::storage::Completion;
+
+    #[test]
+    fn t80_group_restarts_from_snapshot_plus_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(StdFs);
+        let initial = Membership::with_voters([PeerInfo::new(1)]);
+        let g = open_group(fs.clone(), dir.path(), &opts()).unwrap();
+        g.meta_store
+            .store(&Meta {
+                initial_membership: initial.clone(),
+                ..Meta::default()
+            })
+            .unwrap();
+        let g = open_group(fs.clone(), dir.path(), &opts()).unwrap();
+        assert_eq!(
+            g.snapshot.membership, initial,
+            "a new group starts from its initial membership"
+        );
+        let (mut core, mut st) = start(g);
+        let mut applied = Vec::new();
+        for _ in 0..30 {
+            core.tick();
+            drive(&mut core, &mut st, &mut applied);
+        }
+        assert_eq!(core.role(), Role::Leader);
+        for i in 0..50 {
+            core.propose(Bytes::from(format!("cmd {i}"))).unwrap();
+            drive(&mut core, &mut st, &mut applied);
+        }
+        assert_eq!(applied.len(), 50);
+        // Snapshot at 30, then compact and purge.
+        let snap = core.snapshot_meta(30).unwrap();
+        let g_snap = snapshot_store(&fs, dir.path());
+        let mut w = g_snap.begin(snap.clone()).unwrap();
+        w.write_chunk("state", 0, format!("{} commands", 29).as_bytes())
+            .unwrap();
+        w.finish().unwrap();
+        core.compact(30);
+        st.log.purge(30).unwrap();
+        let last = core.log().last_index();
+        let term = core.term();
+        drop((core, st));
+
+        let g = open_group(fs.clone(), dir.path(), &opts()).unwrap();
+        assert_eq!(g.snapshot, snap, "the newest snapshot is loaded");
+        assert_eq!(g.meta.hard_state.term, term);
+        assert_eq!(
+            g.entries.first().map(|e| e.index),
+            Some(31),
+            "the log replays after it"
+        );
+        assert_eq!(g.entries.last().map(|e| e.index), Some(last));
+        let (mut core, mut st) = start(g);
+        let mut applied = Vec::new();
+        for _ in 0..30 {
+            core.tick();
+            drive(&mut core, &mut st, &mut applied);
+        }
+        assert_eq!(core.role(), Role::Leader);
+        assert_eq!(
+            applied.len(),
+            21,
+            "commands after the snapshot are applied again"
+        );
+        assert_eq!(applied.last().unwrap(), &Bytes::from("cmd 49"));
+    }
+
+    fn snapshot_store(
+        fs: &Arc<dyn FileSystem>,
+        dir: &Path,
+    ) -> kuberaft_node::storage::SnapshotStore {
+        kuberaft_node::storage::SnapshotStore::open(fs.clone(), &dir.join("snapshots"), 2).unwrap()
+    }
+
+    #[test]
+    fn t80_log_that_does_not_continue_the_snapshot_is_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(StdFs);
+        let g = open_group(fs.clone(), dir.path(), &opts()).unwrap();
+        let mut log = g.log;
+        log.append(&(1..=20).map(|i| entry(1, i)).collect::<Vec<_>>())
+            .unwrap();
+        log.sync().unwrap();
+        drop(log);
+        // A leader's snapshot at (15, term 3) was published; the crash came
+        // before the log was reset.
+        let store = snapshot_store(&fs, dir.path());
+        let mut w = store
+            .begin(kuberaft_node::core::SnapshotMeta {
+                index: 15,
+                term: 3,
+                membership: Membership::with_voters([PeerInfo::new(1)]),
+            })
+            .unwrap();
+        w.write_chunk("state", 0, b"s").unwrap();
+        w.finish().unwrap();
+        let g = open_group(fs, dir.path(), &opts()).unwrap();
+        assert_eq!(g.snapshot.index, 15);
+        assert!(
+            g.entries.is_empty(),
+            "the stale term-1 suffix is not replayed"
+        );
+        assert_eq!(g.log.first_index(), 16);
+    }
+}

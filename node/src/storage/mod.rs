@@ -1,5 +1,6 @@
 //! Durable storage of one group: the segmented log, the metadata file (term,
-//! vote, initial membership) and, later, snapshots.
+//! vote, initial membership), snapshots, and the worker that group-commits
+//! writes.
 //!
 //! What storage must never do: acknowledge (report durable) anything not
 //! fsynced; silently repair damage that could hide committed entries; or let
@@ -11,18 +12,22 @@
 
 pub mod format;
 pub mod fs;
+mod group;
 mod log;
 mod mem;
 mod meta;
+mod snapshot;
 pub mod testing;
 mod worker;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use group::{GroupStorageOptions, RecoveredGroup, open_group};
 pub use log::{LogOptions, SegmentedLog};
 pub use mem::MemLog;
 pub use meta::{Meta, MetaStore};
+pub use snapshot::{SnapshotInfo, SnapshotStore, SnapshotWriter};
 pub use worker::{Completion, LogWorker, WorkerState, WriteBatch};
 
 use crate::core::{Entry, Index, Term};
