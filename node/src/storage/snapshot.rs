@@ -118,7 +118,7 @@ impl SnapshotStore {
             .filter(|n| !n.ends_with(".tmp"))
             .filter_map(|n| parse_dir_name(&n).map(|(t, i)| (t, i, n)))
             .collect();
-        found.sort_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
+        found.sort_by_key(|(term, index, _)| std::cmp::Reverse((*index, *term)));
         Ok(found)
     }
 
