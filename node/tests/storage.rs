@@ -40,6 +40,7 @@ fn small() -> LogOptions {
         write_buffer_bytes: 100,
         cache_max_bytes: 2048,
         truncate_on_corruption: false,
+        purge_keep_entries: 0,
     }
 }
 
@@ -287,6 +288,45 @@ fn t30_full_disk_then_crash_loses_nothing_synced() {
 }
 
 #[test]
+fn t10_purge_keeps_the_configured_margin_and_cache_eviction_keeps_reads_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogOptions {
+        purge_keep_entries: 20,
+        cache_max_bytes: 0,
+        ..small()
+    };
+    let mut log = SegmentedLog::open(Arc::new(StdFs), dir.path(), opts, 0).unwrap();
+    let all: Vec<_> = (1..=80).map(|i| entry(1 + i / 10, i)).collect();
+    log.append(&all).unwrap();
+    log.sync().unwrap();
+    log.purge(60).unwrap();
+    assert!(
+        log.first_index() <= 41,
+        "entries 41..=60 stay for lagging followers"
+    );
+    // With no cache budget every closed segment below 70 is evicted; reads
+    // then come from the files and are still right.
+    log.evict_cache(70);
+    let first = log.first_index();
+    assert_eq!(
+        log.entries(first, 80).unwrap(),
+        all[(first - 1) as usize..].to_vec()
+    );
+}
+
+#[test]
+fn t30_slow_disk_still_commits_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FaultyFs::new();
+    fs.set(|f| f.slow_sync = std::time::Duration::from_millis(5));
+    let mut log = SegmentedLog::open(Arc::new(fs.clone()), dir.path(), small(), 0).unwrap();
+    for i in 1..=5 {
+        log.append(&[entry(1, i)]).unwrap();
+        assert_eq!(log.sync().unwrap(), i);
+    }
+}
+
+#[test]
 fn t30_failed_fsync_stops_the_log_until_restart() {
     let dir = tempfile::tempdir().unwrap();
     let fs = FaultyFs::new();
@@ -312,6 +352,7 @@ fn t40_metadata_round_trips_and_garbage_is_refused() {
             voted_for: Some(3),
         },
         initial_membership: Membership::with_voters([1, 2, 3].map(PeerInfo::new)),
+        latest_membership: Some((42, Membership::with_voters([1, 2, 3, 4].map(PeerInfo::new)))),
     };
     store.store(&meta).unwrap();
     assert_eq!(store.load().unwrap(), Some(meta.clone()));
@@ -404,6 +445,24 @@ mod worker {
             .unwrap()
             .unwrap();
         assert_eq!(meta.hard_state, hs);
+        // A membership entry updates the latest membership in the same write.
+        let m = Membership::with_voters([1, 2].map(PeerInfo::new));
+        let e = kuberaft_node::core::Entry {
+            term: 4,
+            index: 2,
+            payload: kuberaft_node::core::EntryPayload::Membership(m.clone()),
+        };
+        st.commit_group(vec![WriteBatch {
+            ready: 2,
+            entries: vec![e],
+            ..Default::default()
+        }]);
+        let meta = MetaStore::new(Arc::new(StdFs), dir.path())
+            .load()
+            .unwrap()
+            .unwrap();
+        assert_eq!(meta.latest_membership, Some((2, m)));
+        assert_eq!(meta.hard_state, hs, "the hard state is kept");
     }
 
     #[test]

@@ -151,6 +151,8 @@ pub struct Faults {
     pub fail_sync: bool,
     /// Count of fsyncs done, to check group commit.
     pub syncs: u64,
+    /// Every fsync takes at least this long (a slow disk).
+    pub slow_sync: std::time::Duration,
 }
 
 /// A [`FileSystem`] that injects [`Faults`].
@@ -226,7 +228,12 @@ impl FsFile for FaultyFile {
             return Err(io::Error::other("fsync failed (injected)"));
         }
         f.syncs += 1;
+        let delay = f.slow_sync;
         drop(f);
+        if !delay.is_zero() {
+            // Stands for the device taking its time; not a test waiting.
+            std::thread::sleep(delay);
+        }
         self.inner.sync_data()
     }
 }

@@ -52,6 +52,10 @@ pub struct LogOptions {
     /// instead of refusing to start. Off by default: the dropped entries may
     /// be committed entries that only this member still holds.
     pub truncate_on_corruption: bool,
+    /// `purge(upto)` keeps at least this many entries before `upto`, so a
+    /// follower slightly behind the snapshot still catches up from the log
+    /// instead of needing the whole snapshot.
+    pub purge_keep_entries: u64,
 }
 
 impl Default for LogOptions {
@@ -62,6 +66,7 @@ impl Default for LogOptions {
             write_buffer_bytes: 256 << 10,
             cache_max_bytes: 64 << 20,
             truncate_on_corruption: false,
+            purge_keep_entries: 1024,
         }
     }
 }
@@ -864,6 +869,7 @@ impl LogStore for SegmentedLog {
 
     fn purge(&mut self, upto: Index) -> Result<(), StorageError> {
         self.check_usable()?;
+        let upto = upto.saturating_sub(self.opts.purge_keep_entries);
         while self.closed.front().is_some_and(|s| s.last() <= upto) {
             let seg = self.closed.pop_front().expect("checked");
             let path = self.segment_path(&seg, false);

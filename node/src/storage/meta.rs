@@ -1,5 +1,7 @@
-//! The metadata file `raft-meta`: current term, vote, and the membership the
-//! group started with (the log only holds later changes). Replaced atomically
+//! The metadata file `raft-meta`: current term, vote, the membership the
+//! group started with (the log only holds later changes) and the latest
+//! membership written to the log (read before the log is replayed, e.g. for
+//! status pages). Replaced atomically
 //! (temporary file, fsync, rename, fsync the directory), so after a crash it
 //! is the old version or the new one.
 
@@ -22,6 +24,8 @@ pub const META_FILE: &str = "raft-meta";
 pub struct Meta {
     pub hard_state: HardState,
     pub initial_membership: Membership,
+    /// The newest membership entry written to the log, with its index.
+    pub latest_membership: Option<(u64, Membership)>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -33,6 +37,9 @@ struct MetaRecord {
     voted_for: u64,
     #[prost(message, optional, tag = "3")]
     initial_membership: Option<pb::Configuration>,
+    /// `log_index` carries the entry's index.
+    #[prost(message, optional, tag = "4")]
+    latest_membership: Option<pb::Configuration>,
 }
 
 #[derive(Debug)]
@@ -75,6 +82,13 @@ impl MetaStore {
             Some(c) => membership_from_pb(c).map_err(|e| corrupt(e.to_string()))?,
             None => Membership::default(),
         };
+        let latest_membership = match &r.latest_membership {
+            Some(c) => Some((
+                c.log_index,
+                membership_from_pb(c).map_err(|e| corrupt(e.to_string()))?,
+            )),
+            None => None,
+        };
         let voted_for = (r.voted_for != 0).then_some(r.voted_for);
         Ok(Some(Meta {
             hard_state: HardState {
@@ -82,6 +96,7 @@ impl MetaStore {
                 voted_for,
             },
             initial_membership,
+            latest_membership,
         }))
     }
 
@@ -90,6 +105,11 @@ impl MetaStore {
             term: meta.hard_state.term,
             voted_for: meta.hard_state.voted_for.unwrap_or(0),
             initial_membership: Some(membership_to_pb(&meta.initial_membership)),
+            latest_membership: meta.latest_membership.as_ref().map(|(index, m)| {
+                let mut c = membership_to_pb(m);
+                c.log_index = *index;
+                c
+            }),
         };
         let mut data = format::header(format::META_MAGIC).to_vec();
         format::encode_record(&r.encode_to_vec(), &mut data);

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{LogStore, Meta, MetaStore, SegmentedLog, StorageError};
-use crate::core::{Entry, HardState, Index};
+use crate::core::{Entry, EntryPayload, HardState, Index};
 
 /// What one Ready asks storage to make durable, in this order: reset the log
 /// (an installed snapshot that did not match it), write the hard state,
@@ -128,6 +128,14 @@ impl WorkerState {
             }
             if let Some(hs) = b.hard_state {
                 self.meta.hard_state = hs;
+                meta_dirty = true;
+            }
+            let newest_membership = b.entries.iter().rev().find_map(|e| match &e.payload {
+                EntryPayload::Membership(m) => Some((e.index, m.clone())),
+                _ => None,
+            });
+            if newest_membership.is_some() {
+                self.meta.latest_membership = newest_membership;
                 meta_dirty = true;
             }
             self.log.append(&b.entries)?;
