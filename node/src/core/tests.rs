@@ -58,17 +58,39 @@ impl Net {
     }
 
     fn with_membership(m: Membership, ids: impl IntoIterator<Item = NodeId>) -> Net {
+        let logs = ids.into_iter().map(|id| (id, 0, Vec::new())).collect();
+        Self::restored(m, logs, |_| {})
+    }
+
+    /// Members `1..=n` of a new group, each config adjusted by `tweak`.
+    fn with_config(n: u64, tweak: impl Fn(&mut Config)) -> Net {
+        let m = Membership::with_voters((1..=n).map(PeerInfo::new));
+        Self::restored(m, (1..=n).map(|id| (id, 0, Vec::new())).collect(), tweak)
+    }
+
+    /// Members restarting from (id, term, log), all voters of `m`.
+    fn restored(
+        m: Membership,
+        logs: Vec<(NodeId, Term, Vec<Entry>)>,
+        tweak: impl Fn(&mut Config),
+    ) -> Net {
         let mut net = Net::default();
-        for id in ids {
+        for (id, term, entries) in logs {
             let disk = Disk {
+                hard_state: HardState {
+                    term,
+                    voted_for: None,
+                },
                 snapshot: SnapshotMeta {
                     membership: m.clone(),
                     ..Default::default()
                 },
-                ..Default::default()
+                log: entries.into_iter().map(|e| (e.index, e)).collect(),
             };
             net.disks.insert(id, disk);
-            net.start(id, cfg(id));
+            let mut c = cfg(id);
+            tweak(&mut c);
+            net.start(id, c);
         }
         net
     }
@@ -354,23 +376,7 @@ fn t20_pre_vote_keeps_a_returning_member_from_disrupting_the_leader() {
 
 #[test]
 fn t20_followers_that_hear_a_leader_refuse_votes_without_pre_vote_too() {
-    let mut net = Net::default();
-    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
-    for id in 1..=3 {
-        net.disks.insert(
-            id,
-            Disk {
-                snapshot: SnapshotMeta {
-                    membership: m.clone(),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        );
-        let mut c = cfg(id);
-        c.pre_vote = false;
-        net.start(id, c);
-    }
+    let mut net = Net::with_config(3, |c| c.pre_vote = false);
     net.elect(1);
     let term = net.nodes[&1].term();
     // n3 cannot hear the leader but can still reach n2.
@@ -441,36 +447,19 @@ fn t20_paused_member_never_campaigns_but_still_votes() {
 /// a later-term entry at that index can still be elected and overwrite it.
 #[test]
 fn t20_figure8_old_term_entry_on_majority_is_not_committed() {
-    let m = Membership::with_voters((1..=5).map(PeerInfo::new));
-    let mut net2 = Net::default();
     // n1 led term 2 and got (2, term 2) to n2 only; n5 led term 3 and wrote
     // (2, term 3) nowhere else. Now n1 campaigns in term 4.
-    let logs: [(NodeId, Term, Vec<Entry>); 5] = [
+    let logs = vec![
         (1, 3, vec![entry(1, 1), entry(2, 2)]),
         (2, 2, vec![entry(1, 1), entry(2, 2)]),
         (3, 1, vec![entry(1, 1)]),
         (4, 1, vec![entry(1, 1)]),
         (5, 3, vec![entry(1, 1), entry(3, 2)]),
     ];
-    for (id, term, entries) in logs {
-        let disk = Disk {
-            hard_state: HardState {
-                term,
-                voted_for: None,
-            },
-            snapshot: SnapshotMeta {
-                membership: m.clone(),
-                ..Default::default()
-            },
-            log: entries.into_iter().map(|e| (e.index, e)).collect(),
-        };
-        net2.disks.insert(id, disk);
-        let mut c = cfg(id);
-        // One entry per append, so the old entry can reach a follower
-        // without the new leader's own no-op.
-        c.max_append_bytes = 1;
-        net2.start(id, c);
-    }
+    let m = Membership::with_voters((1..=5).map(PeerInfo::new));
+    // One entry per append, so the old entry can reach a follower without
+    // the new leader's own no-op.
+    let mut net2 = Net::restored(m, logs, |c| c.max_append_bytes = 1);
     net2.cut.extend([4, 5]);
     // n3 gets (2, term 2) but nothing after it: once it holds index 2,
     // appends carrying anything later are dropped.
@@ -518,31 +507,19 @@ fn t20_figure8_old_term_entry_on_majority_is_not_committed() {
 
 #[test]
 fn t30_divergent_follower_is_truncated_and_backs_up_by_term() {
-    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
-    let mut net = Net::default();
     // n3 holds a long uncommitted suffix of term 2 that n1 never had.
     let mut n3_log = vec![entry(1, 1)];
     n3_log.extend((2..=30).map(|i| entry(2, i)));
-    let logs: [(NodeId, Term, Vec<Entry>); 3] = [
+    let logs = vec![
         (1, 3, vec![entry(1, 1), entry(3, 2)]),
         (2, 3, vec![entry(1, 1), entry(3, 2)]),
         (3, 2, n3_log),
     ];
-    for (id, term, entries) in logs {
-        let disk = Disk {
-            hard_state: HardState {
-                term,
-                voted_for: None,
-            },
-            snapshot: SnapshotMeta {
-                membership: m.clone(),
-                ..Default::default()
-            },
-            log: entries.into_iter().map(|e| (e.index, e)).collect(),
-        };
-        net.disks.insert(id, disk);
-        net.start(id, cfg(id));
-    }
+    let mut net = Net::restored(
+        Membership::with_voters((1..=3).map(PeerInfo::new)),
+        logs,
+        |_| {},
+    );
     net.elect(1);
     net.tick_all(3);
     let log3 = net.nodes[&3].log();
@@ -564,24 +541,10 @@ fn t30_divergent_follower_is_truncated_and_backs_up_by_term() {
 
 #[test]
 fn t30_in_flight_appends_are_bounded() {
-    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
-    let mut net = Net::default();
-    for id in 1..=3 {
-        net.disks.insert(
-            id,
-            Disk {
-                snapshot: SnapshotMeta {
-                    membership: m.clone(),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        );
-        let mut c = cfg(id);
+    let mut net = Net::with_config(3, |c| {
         c.max_inflight_appends = 2;
         c.max_append_bytes = 1;
-        net.start(id, c);
-    }
+    });
     net.elect(1);
     // n3 receives but its replies are lost.
     net.blocked.insert((3, 1));
@@ -1022,23 +985,7 @@ fn t60_follower_read_index_goes_through_the_leader() {
 
 #[test]
 fn t60_lease_serves_reads_without_a_round_and_expires() {
-    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
-    let mut net = Net::default();
-    for id in 1..=3 {
-        net.disks.insert(
-            id,
-            Disk {
-                snapshot: SnapshotMeta {
-                    membership: m.clone(),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        );
-        let mut c = cfg(id);
-        c.leader_lease = true;
-        net.start(id, c);
-    }
+    let mut net = Net::with_config(3, |c| c.leader_lease = true);
     net.elect(1);
     net.propose(1, "a");
     net.tick_all(2);

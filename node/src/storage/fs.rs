@@ -88,18 +88,22 @@ impl FsFile for StdFile {
     }
 }
 
+fn open_rw(path: &Path, create: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+}
+
 /// The operating system's file system.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StdFs;
 
 impl FileSystem for StdFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let f = open_rw(path, create)?;
         Ok(Box::new(StdFile(f)))
     }
 
@@ -240,12 +244,7 @@ impl FsFile for FaultyFile {
 
 impl FileSystem for FaultyFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let f = open_rw(path, create)?;
         Ok(Box::new(FaultyFile {
             inner: StdFile(f),
             faults: self.faults.clone(),

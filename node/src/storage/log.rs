@@ -84,6 +84,18 @@ struct Segment {
     cached_bytes: usize,
 }
 
+impl OpenSegment {
+    /// `file` holds `seg`'s data and nothing after it.
+    fn new(seg: Segment, file: Box<dyn FsFile>) -> Self {
+        OpenSegment {
+            allocated: seg.end,
+            seg,
+            file,
+            buf: Vec::new(),
+        }
+    }
+}
+
 impl Segment {
     fn new(first: Index) -> Self {
         Segment {
@@ -331,12 +343,7 @@ impl SegmentedLog {
                 .map_err(|e| StorageError::io("fsync", &path, e))?;
         }
         self.cache_bytes += seg.cached_bytes;
-        self.open = Some(OpenSegment {
-            allocated: seg.end,
-            seg,
-            file,
-            buf: Vec::new(),
-        });
+        self.open = Some(OpenSegment::new(seg, file));
         Ok(())
     }
 
@@ -545,12 +552,7 @@ impl SegmentedLog {
         file.write_at(&format::header(format::SEGMENT_MAGIC), 0)
             .map_err(|e| StorageError::io("write header", &path, e))?;
         let seg = Segment::new(first);
-        self.open = Some(OpenSegment {
-            allocated: seg.end,
-            seg,
-            file,
-            buf: Vec::new(),
-        });
+        self.open = Some(OpenSegment::new(seg, file));
         Ok(())
     }
 
@@ -850,12 +852,7 @@ impl LogStore for SegmentedLog {
                 .map_err(|e| StorageError::io("open", &to, e))?;
             file.set_len(seg.end)
                 .map_err(|e| StorageError::io("truncate", &to, e))?;
-            self.open = Some(OpenSegment {
-                allocated: seg.end,
-                seg,
-                file,
-                buf: Vec::new(),
-            });
+            self.open = Some(OpenSegment::new(seg, file));
             break;
         }
         // Removed files must stay removed, or a restart would resurrect the
