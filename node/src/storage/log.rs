@@ -700,12 +700,7 @@ impl LogStore for SegmentedLog {
 
     fn entries(&self, lo: Index, hi: Index) -> Result<Vec<Entry>, StorageError> {
         if lo <= self.base || hi > self.last_index() {
-            return Err(StorageError::Unavailable {
-                lo,
-                hi,
-                first: self.first_index(),
-                last: self.last_index(),
-            });
+            return Err(super::unavailable(self, lo, hi));
         }
         let mut out = Vec::with_capacity((hi + 1).saturating_sub(lo) as usize);
         for seg in &self.closed {
@@ -722,15 +717,7 @@ impl LogStore for SegmentedLog {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        if first.index <= self.last_index() {
-            self.truncate(first.index)?;
-        }
-        if first.index != self.last_index() + 1 {
-            return Err(StorageError::NotContiguous {
-                last: self.last_index(),
-                first: first.index,
-            });
-        }
+        super::prepare_append(self, first.index)?;
         let mut record = Vec::new();
         for e in entries {
             record.clear();
@@ -792,12 +779,7 @@ impl LogStore for SegmentedLog {
             return Ok(());
         }
         if from <= self.base {
-            return Err(StorageError::Unavailable {
-                lo: from,
-                hi: from,
-                first: self.first_index(),
-                last: self.last_index(),
-            });
+            return Err(super::unavailable(self, from, from));
         }
         self.flush()?;
         // The open segment first, then closed ones from the newest.

@@ -39,12 +39,7 @@ impl LogStore for MemLog {
 
     fn entries(&self, lo: Index, hi: Index) -> Result<Vec<Entry>, StorageError> {
         if lo <= self.base || hi > self.last_index() {
-            return Err(StorageError::Unavailable {
-                lo,
-                hi,
-                first: self.first_index(),
-                last: self.last_index(),
-            });
+            return Err(super::unavailable(self, lo, hi));
         }
         Ok(self.entries[(lo - self.base - 1) as usize..(hi - self.base) as usize].to_vec())
     }
@@ -53,15 +48,7 @@ impl LogStore for MemLog {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        if first.index <= self.last_index() {
-            self.truncate(first.index)?;
-        }
-        if first.index != self.last_index() + 1 {
-            return Err(StorageError::NotContiguous {
-                last: self.last_index(),
-                first: first.index,
-            });
-        }
+        super::prepare_append(self, first.index)?;
         self.entries.extend_from_slice(entries);
         Ok(())
     }
@@ -72,12 +59,7 @@ impl LogStore for MemLog {
 
     fn truncate(&mut self, from: Index) -> Result<(), StorageError> {
         if from <= self.base {
-            return Err(StorageError::Unavailable {
-                lo: from,
-                hi: from,
-                first: self.first_index(),
-                last: self.last_index(),
-            });
+            return Err(super::unavailable(self, from, from));
         }
         self.entries.truncate((from - self.base - 1) as usize);
         Ok(())

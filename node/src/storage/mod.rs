@@ -60,6 +60,34 @@ pub trait LogStore {
     fn reset(&mut self, base: Index) -> Result<(), StorageError>;
 }
 
+/// The common start of every `append`: an overlap truncates the log from
+/// `first` on, then `first` must follow the last entry.
+pub(crate) fn prepare_append<L: LogStore + ?Sized>(
+    log: &mut L,
+    first: Index,
+) -> Result<(), StorageError> {
+    if first <= log.last_index() {
+        log.truncate(first)?;
+    }
+    if first != log.last_index() + 1 {
+        return Err(StorageError::NotContiguous {
+            last: log.last_index(),
+            first,
+        });
+    }
+    Ok(())
+}
+
+/// The error for entries `lo..=hi` that `log` does not hold.
+pub(crate) fn unavailable<L: LogStore + ?Sized>(log: &L, lo: Index, hi: Index) -> StorageError {
+    StorageError::Unavailable {
+        lo,
+        hi,
+        first: log.first_index(),
+        last: log.last_index(),
+    }
+}
+
 /// A storage failure. Corruption names the file and byte offset and says
 /// what the operator can do.
 #[derive(Debug, thiserror::Error)]
