@@ -2,7 +2,10 @@
 //! compiler), so building kuberaft never needs a system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/kuberaft/v1/raft.proto"];
+    let protos = [
+        "proto/kuberaft/v1/raft.proto",
+        "proto/kuberaft/v1/statemachine.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

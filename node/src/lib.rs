@@ -2,6 +2,7 @@
 //!
 //! - [`core`]: the sans-IO consensus core (one value per group member);
 //! - [`storage`]: the segmented log, metadata and snapshot files;
+//! - [`statemachine`]: the `StateMachine` trait and the `kv` and `counter` built-ins;
 //! - [`convert`]: core types to and from the `kuberaft.v1` protobufs.
 //!
 //! The storage, state machines, server shell, rpc services, HTTP endpoints and
@@ -9,4 +10,5 @@
 
 pub mod convert;
 pub mod core;
+pub mod statemachine;
 pub mod storage;
