@@ -3,6 +3,8 @@
 //! - [`core`]: the sans-IO consensus core (one value per group member);
 //! - [`storage`]: the segmented log, metadata and snapshot files;
 //! - [`statemachine`]: the `StateMachine` trait and the `kv` and `counter` built-ins;
+//! - [`server`]: request admission (retry cache, pending limits); the group
+//!   owner task and registry come next;
 //! - [`convert`]: core types to and from the `kuberaft.v1` protobufs.
 //!
 //! The storage, state machines, server shell, rpc services, HTTP endpoints and
@@ -10,5 +12,6 @@
 
 pub mod convert;
 pub mod core;
+pub mod server;
 pub mod statemachine;
 pub mod storage;
