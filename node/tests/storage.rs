@@ -238,14 +238,20 @@ fn t20_garbage_segment_header_is_refused() {
     assert!(err.to_string().contains("wrong magic"), "{err}");
 }
 
-#[test]
-fn t30_full_disk_fails_the_write_keeps_synced_entries_and_recovers() {
+/// A log on a fault-injecting file system holding entries 1..=10, synced.
+fn faulty_log_with_ten_entries() -> (tempfile::TempDir, FaultyFs, SegmentedLog) {
     let dir = tempfile::tempdir().unwrap();
     let fs = FaultyFs::new();
     let mut log = SegmentedLog::open(Arc::new(fs.clone()), dir.path(), small(), 0).unwrap();
     log.append(&(1..=10).map(|i| entry(1, i)).collect::<Vec<_>>())
         .unwrap();
     log.sync().unwrap();
+    (dir, fs, log)
+}
+
+#[test]
+fn t30_full_disk_fails_the_write_keeps_synced_entries_and_recovers() {
+    let (dir, fs, mut log) = faulty_log_with_ten_entries();
     fs.set(|f| f.space_left = Some(50));
     let more: Vec<_> = (11..=40).map(|i| entry(1, i)).collect();
     let err = log.append(&more).and_then(|_| log.sync()).unwrap_err();
@@ -268,12 +274,7 @@ fn t30_full_disk_fails_the_write_keeps_synced_entries_and_recovers() {
 
 #[test]
 fn t30_full_disk_then_crash_loses_nothing_synced() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = FaultyFs::new();
-    let mut log = SegmentedLog::open(Arc::new(fs.clone()), dir.path(), small(), 0).unwrap();
-    log.append(&(1..=10).map(|i| entry(1, i)).collect::<Vec<_>>())
-        .unwrap();
-    log.sync().unwrap();
+    let (dir, fs, mut log) = faulty_log_with_ten_entries();
     fs.set(|f| f.space_left = Some(30));
     let _ = log
         .append(&(11..=40).map(|i| entry(1, i)).collect::<Vec<_>>())
