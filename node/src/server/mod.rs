@@ -1,6 +1,7 @@
 //! The async shell around the core (being built): the group owner task, the
-//! multi-group registry, and the request admission it needs — the retry
-//! cache and the pending-request limits, which are here already.
+//! multi-group registry, and the write path's pieces that are here already:
+//! the retry cache, the pending-request limits and the applier.
 
+pub mod apply;
 pub mod limits;
 pub mod retry_cache;

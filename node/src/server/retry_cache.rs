@@ -9,13 +9,16 @@
 //! Every member fills the cache when it applies a logged call (the call's ids
 //! travel in the log entry), so a new leader already knows the calls its
 //! predecessor applied, and a restarted member rebuilds the cache by
-//! replaying its log. Done entries expire after `ttl`: exactly-once holds
-//! within that window, which clients must keep their retries inside.
+//! replaying its log. Done entries expire `ttl_ms` after they were logged:
+//! exactly-once holds within that window, which clients must keep their
+//! retries inside.
 //!
-//! Time is passed in, never read here, so tests control it.
+//! Time is *log time*: the leader's clock stamped into each logged call
+//! (`LoggedCommand.logged_at_ms`). Whether a logged call is a duplicate must
+//! be decided identically on every member, so it may depend on the log only,
+//! never on a member's own clock.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -48,36 +51,33 @@ pub enum Lookup {
 
 #[derive(Debug)]
 enum State {
-    Pending {
-        index: Index,
-    },
-    Done {
-        reply: CachedReply,
-        expires: Instant,
-    },
+    Pending { index: Index },
+    Done { reply: CachedReply, expires: u64 },
 }
 
 #[derive(Debug)]
 pub struct RetryCache {
     entries: HashMap<CallKey, State>,
     /// Done entries in completion order, for expiry.
-    expiry: VecDeque<(Instant, CallKey)>,
-    ttl: Duration,
+    expiry: VecDeque<(u64, CallKey)>,
+    ttl_ms: u64,
     hits: u64,
 }
 
 impl RetryCache {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl_ms: u64) -> Self {
         RetryCache {
             entries: HashMap::new(),
             expiry: VecDeque::new(),
-            ttl,
+            ttl_ms,
             hits: 0,
         }
     }
 
-    pub fn lookup(&mut self, key: &CallKey, now: Instant) -> Lookup {
-        self.expire(now);
+    /// `now_ms`: the leader's clock when a request arrives, or the log time
+    /// of the entry being applied.
+    pub fn lookup(&mut self, key: &CallKey, now_ms: u64) -> Lookup {
+        self.expire(now_ms);
         match self.entries.get(key) {
             None => Lookup::New,
             Some(State::Pending { index }) => {
@@ -107,22 +107,23 @@ impl RetryCache {
     /// The call was applied (on any member, also during replay). The first
     /// application wins: a duplicate logged by a racing retry is answered with
     /// the first result and must not be applied; see [`Self::is_duplicate`].
-    pub fn applied(&mut self, key: CallKey, reply: CachedReply, now: Instant) {
+    pub fn applied(&mut self, key: CallKey, reply: CachedReply, logged_at_ms: u64) {
         if matches!(self.entries.get(&key), Some(State::Done { .. })) {
             return;
         }
-        let expires = now + self.ttl;
+        let expires = logged_at_ms.saturating_add(self.ttl_ms);
         self.expiry.push_back((expires, key.clone()));
         self.entries.insert(key, State::Done { reply, expires });
     }
 
-    /// Whether applying `key` again would apply it twice: check this before
-    /// giving a logged call to the state machine.
-    pub fn is_duplicate(&self, key: &CallKey) -> bool {
+    /// Whether the call logged at `logged_at_ms` was applied before: check
+    /// this before giving a logged call to the state machine.
+    pub fn is_duplicate(&mut self, key: &CallKey, logged_at_ms: u64) -> bool {
+        self.expire(logged_at_ms);
         matches!(self.entries.get(key), Some(State::Done { .. }))
     }
 
-    fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: u64) {
         while let Some((at, _)) = self.expiry.front() {
             if *at > now {
                 break;
@@ -170,8 +171,8 @@ mod tests {
 
     #[test]
     fn retry_waits_for_the_pending_call_then_gets_its_reply() {
-        let t0 = Instant::now();
-        let mut c = RetryCache::new(Duration::from_secs(60));
+        let t0 = 1_000;
+        let mut c = RetryCache::new(60_000);
         assert_eq!(c.lookup(&key(1), t0), Lookup::New);
         c.appended(key(1), 7);
         assert_eq!(c.lookup(&key(1), t0), Lookup::Pending { index: 7 });
@@ -182,32 +183,29 @@ mod tests {
 
     #[test]
     fn a_duplicate_logged_by_a_race_is_recognised_and_the_first_reply_kept() {
-        let t0 = Instant::now();
-        let mut c = RetryCache::new(Duration::from_secs(60));
+        let t0 = 1_000;
+        let mut c = RetryCache::new(60_000);
         c.applied(key(1), reply(7), t0);
-        assert!(c.is_duplicate(&key(1)));
+        assert!(c.is_duplicate(&key(1), t0 + 5));
         c.applied(key(1), reply(9), t0);
         assert_eq!(c.lookup(&key(1), t0), Lookup::Done(reply(7)));
-        assert!(!c.is_duplicate(&key(2)));
+        assert!(!c.is_duplicate(&key(2), t0));
     }
 
     #[test]
     fn done_entries_expire_after_the_ttl() {
-        let t0 = Instant::now();
-        let mut c = RetryCache::new(Duration::from_secs(10));
+        let t0 = 1_000;
+        let mut c = RetryCache::new(10_000);
         c.applied(key(1), reply(1), t0);
-        assert!(matches!(
-            c.lookup(&key(1), t0 + Duration::from_secs(9)),
-            Lookup::Done(_)
-        ));
-        assert_eq!(c.lookup(&key(1), t0 + Duration::from_secs(10)), Lookup::New);
+        assert!(matches!(c.lookup(&key(1), t0 + 9_999), Lookup::Done(_)));
+        assert_eq!(c.lookup(&key(1), t0 + 10_000), Lookup::New);
         assert!(c.is_empty());
     }
 
     #[test]
     fn an_abandoned_call_can_be_appended_again() {
-        let t0 = Instant::now();
-        let mut c = RetryCache::new(Duration::from_secs(60));
+        let t0 = 1_000;
+        let mut c = RetryCache::new(60_000);
         c.appended(key(1), 5);
         c.abandoned(&key(1), 4);
         assert_eq!(

@@ -1,0 +1,243 @@
+//! Applying committed entries: the state machine plus the retry cache.
+//!
+//! Every member runs the same [`Applier`] over the same committed entries and
+//! reaches the same state: a logged call already applied within the retry
+//! window (judged by the log time stamped by the leader, never by a local
+//! clock) is answered with its first result instead of being applied again.
+//! This is what makes a retried write exactly-once even when a leader change
+//! let the retry be logged twice.
+
+use bytes::Bytes;
+use kuberaft_proto::v1 as pb;
+use prost::Message;
+
+use super::retry_cache::{CachedReply, CallKey, Lookup, RetryCache};
+use crate::core::{Entry, EntryPayload, Index, Term};
+use crate::statemachine::StateMachine;
+
+/// What one committed command produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub index: Index,
+    pub term: Term,
+    /// `None` for a call without a client id (no retry protection).
+    pub call: Option<CallKey>,
+    pub result: Result<Bytes, String>,
+    /// Answered from the retry cache; the state machine did not see it.
+    pub duplicate: bool,
+}
+
+/// Wraps a client's command for the log.
+pub fn encode_logged(client: Bytes, call: u64, logged_at_ms: u64, payload: Bytes) -> Bytes {
+    Bytes::from(
+        pb::LoggedCommand {
+            client_id: client,
+            call_id: call,
+            logged_at_ms,
+            payload,
+        }
+        .encode_to_vec(),
+    )
+}
+
+#[derive(Debug)]
+pub struct Applier {
+    sm: Box<dyn StateMachine>,
+    cache: RetryCache,
+    applied: Index,
+}
+
+impl Applier {
+    pub fn new(sm: Box<dyn StateMachine>, retry_ttl_ms: u64) -> Self {
+        Applier {
+            applied: sm.applied_index(),
+            sm,
+            cache: RetryCache::new(retry_ttl_ms),
+        }
+    }
+
+    pub fn state_machine(&self) -> &dyn StateMachine {
+        self.sm.as_ref()
+    }
+
+    pub fn state_machine_mut(&mut self) -> &mut dyn StateMachine {
+        self.sm.as_mut()
+    }
+
+    pub fn retry_cache(&mut self) -> &mut RetryCache {
+        &mut self.cache
+    }
+
+    pub fn applied_index(&self) -> Index {
+        self.applied
+    }
+
+    /// Applies committed entries in order; one outcome per command.
+    pub fn apply(&mut self, entries: &[Entry]) -> Vec<Outcome> {
+        let mut out = Vec::new();
+        for e in entries {
+            assert_eq!(
+                e.index,
+                self.applied + 1,
+                "entries are applied in order, without gaps"
+            );
+            self.applied = e.index;
+            if let EntryPayload::Command(data) = &e.payload {
+                out.push(self.apply_command(e.index, e.term, data));
+            }
+        }
+        out
+    }
+
+    fn apply_command(&mut self, index: Index, term: Term, data: &Bytes) -> Outcome {
+        let outcome = |call, result, duplicate| Outcome {
+            index,
+            term,
+            call,
+            result,
+            duplicate,
+        };
+        let logged = match pb::LoggedCommand::decode(data.clone()) {
+            Ok(l) => l,
+            // Written by something other than this server: refused the same
+            // way on every member.
+            Err(e) => return outcome(None, Err(format!("malformed log entry: {e}")), false),
+        };
+        if logged.client_id.is_empty() {
+            let result = self
+                .sm
+                .apply(index, &logged.payload)
+                .map_err(|e| e.to_string());
+            return outcome(None, result, false);
+        }
+        let key = CallKey {
+            client: logged.client_id,
+            call: logged.call_id,
+        };
+        if self.cache.is_duplicate(&key, logged.logged_at_ms) {
+            let result = match self.cache.lookup(&key, logged.logged_at_ms) {
+                Lookup::Done(reply) => reply.result,
+                _ => unreachable!("is_duplicate just found it done"),
+            };
+            return outcome(Some(key), result, true);
+        }
+        let result = self
+            .sm
+            .apply(index, &logged.payload)
+            .map_err(|e| e.to_string());
+        let reply = CachedReply {
+            index,
+            result: result.clone(),
+        };
+        self.cache.applied(key.clone(), reply, logged.logged_at_ms);
+        outcome(Some(key), result, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statemachine::{Counter, builtin};
+
+    fn add(n: i64) -> Bytes {
+        Bytes::from(pb::CounterCommand { add: n }.encode_to_vec())
+    }
+
+    fn logged(index: Index, client: &'static [u8], call: u64, at: u64, payload: Bytes) -> Entry {
+        let data = encode_logged(Bytes::from_static(client), call, at, payload);
+        Entry {
+            term: 1,
+            index,
+            payload: EntryPayload::Command(data),
+        }
+    }
+
+    fn counter(a: &Applier) -> i64 {
+        pb::CounterResult::decode(a.state_machine().query(&[]).unwrap())
+            .unwrap()
+            .value
+    }
+
+    #[test]
+    fn a_call_logged_twice_is_applied_once_and_both_get_the_first_result() {
+        let mut a = Applier::new(Box::new(Counter::default()), 60_000);
+        let log = [
+            logged(1, b"c1", 1, 1_000, add(5)),
+            Entry {
+                term: 2,
+                index: 2,
+                payload: EntryPayload::Noop,
+            },
+            // The retry, logged again by a new leader.
+            logged(3, b"c1", 1, 1_500, add(5)),
+        ];
+        let out = a.apply(&log);
+        assert_eq!(counter(&a), 5, "applied once");
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].duplicate && out[1].duplicate);
+        assert_eq!(out[0].result, out[1].result);
+    }
+
+    #[test]
+    fn every_member_reaches_the_same_state_and_a_restart_rebuilds_the_cache() {
+        let log: Vec<Entry> = (1..=50)
+            .map(|i| {
+                logged(
+                    i,
+                    if i % 2 == 0 { b"a" } else { b"b" },
+                    i / 3,
+                    1_000 + i * 10,
+                    add(i as i64),
+                )
+            })
+            .collect();
+        let mut x = Applier::new(builtin("counter").unwrap(), 60_000);
+        let mut y = Applier::new(builtin("counter").unwrap(), 60_000);
+        assert_eq!(x.apply(&log), y.apply(&log));
+        assert_eq!(counter(&x), counter(&y));
+        // A member replaying its log after a restart knows the calls again.
+        let key = CallKey {
+            client: Bytes::from_static(b"a"),
+            call: 10,
+        };
+        assert!(matches!(
+            y.retry_cache().lookup(&key, 1_600),
+            Lookup::Done(_)
+        ));
+    }
+
+    #[test]
+    fn past_the_retry_window_by_log_time_a_call_is_new_again() {
+        let mut a = Applier::new(Box::new(Counter::default()), 1_000);
+        a.apply(&[
+            logged(1, b"c", 1, 1_000, add(1)),
+            logged(2, b"c", 1, 2_000, add(1)),
+        ]);
+        assert_eq!(
+            counter(&a),
+            2,
+            "the window is part of the contract: retries must come within it"
+        );
+    }
+
+    #[test]
+    fn malformed_entries_and_state_machine_errors_are_results_not_panics() {
+        let mut a = Applier::new(builtin("kv").unwrap(), 60_000);
+        let junk = Entry {
+            term: 1,
+            index: 1,
+            payload: EntryPayload::Command(Bytes::from_static(b"\xff\xff")),
+        };
+        let bad_kv = logged(2, b"c", 1, 1_000, Bytes::from_static(b"\xff\xff"));
+        let out = a.apply(&[junk, bad_kv]);
+        assert!(
+            out[0]
+                .result
+                .as_ref()
+                .unwrap_err()
+                .contains("malformed log entry")
+        );
+        assert!(out[1].result.as_ref().unwrap_err().contains("malformed"));
+        assert_eq!(a.applied_index(), 2);
+    }
+}
