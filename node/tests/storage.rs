@@ -679,6 +679,17 @@ mod recovery {
         }
     }
 
+    /// Ticks a single-member group until it leads; returns what it applied.
+    fn elect_alone(core: &mut RaftCore, st: &mut WorkerState) -> Vec<Bytes> {
+        let mut applied = Vec::new();
+        for _ in 0..30 {
+            core.tick();
+            drive(core, st, &mut applied);
+        }
+        assert_eq!(core.role(), Role::Leader);
+        applied
+    }
+
     fn opts() -> GroupStorageOptions {
         GroupStorageOptions {
             log: small(),
@@ -717,12 +728,7 @@ mod recovery {
             "a new group starts from its initial membership"
         );
         let (mut core, mut st) = start(g);
-        let mut applied = Vec::new();
-        for _ in 0..30 {
-            core.tick();
-            drive(&mut core, &mut st, &mut applied);
-        }
-        assert_eq!(core.role(), Role::Leader);
+        let mut applied = elect_alone(&mut core, &mut st);
         for i in 0..50 {
             core.propose(Bytes::from(format!("cmd {i}"))).unwrap();
             drive(&mut core, &mut st, &mut applied);
@@ -751,12 +757,7 @@ mod recovery {
         );
         assert_eq!(g.entries.last().map(|e| e.index), Some(last));
         let (mut core, mut st) = start(g);
-        let mut applied = Vec::new();
-        for _ in 0..30 {
-            core.tick();
-            drive(&mut core, &mut st, &mut applied);
-        }
-        assert_eq!(core.role(), Role::Leader);
+        let mut applied = elect_alone(&mut core, &mut st);
         assert_eq!(
             applied.len(),
             21,
