@@ -757,7 +757,7 @@ mod recovery {
         );
         assert_eq!(g.entries.last().map(|e| e.index), Some(last));
         let (mut core, mut st) = start(g);
-        let mut applied = elect_alone(&mut core, &mut st);
+        let applied = elect_alone(&mut core, &mut st);
         assert_eq!(
             applied.len(),
             21,
