@@ -6,7 +6,13 @@
 
 use kuberaft_proto::v1 as pb;
 
-use crate::core::{Entry, EntryPayload, Membership, PeerInfo};
+use bytes::Bytes;
+
+use crate::core::{
+    AppendEntries, AppendEntriesReply, AppendResult, Entry, EntryPayload, InstallSnapshotReply,
+    Membership, NodeId, PeerInfo, ReadError, ReadIndexReply, ReadIndexRequest, RequestVote,
+    RequestVoteReply, StartElection, VoteRefusal,
+};
 
 /// A protobuf that does not describe a valid core value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +23,8 @@ pub enum DecodeError {
     Membership(#[from] crate::core::MembershipError),
     #[error("malformed protobuf: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 pub fn peer_to_pb(p: &PeerInfo, role: pb::PeerRole) -> pb::Peer {
@@ -107,9 +115,306 @@ pub fn entry_from_pb(e: pb::LogEntry) -> Result<Entry, DecodeError> {
     })
 }
 
+// ---------------------------------------------------------------------------
+// Peer messages. Each function takes the group id and the sender/receiver
+// the protobuf names, so the transport can multiplex groups on one stream.
+// ---------------------------------------------------------------------------
+
+pub fn group_pb(group: &Bytes) -> Option<pb::GroupId> {
+    Some(pb::GroupId { id: group.clone() })
+}
+
+fn term_index(term: u64, index: u64) -> Option<pb::TermIndex> {
+    Some(pb::TermIndex { term, index })
+}
+
+pub fn append_to_pb(
+    group: &Bytes,
+    from: NodeId,
+    to: NodeId,
+    m: &AppendEntries,
+) -> pb::AppendEntriesRequest {
+    pb::AppendEntriesRequest {
+        group_id: group_pb(group),
+        leader_id: from,
+        follower_id: to,
+        leader_term: m.term,
+        previous: term_index(m.prev_term, m.prev_index),
+        entries: m.entries.iter().map(entry_to_pb).collect(),
+        leader_commit: m.leader_commit,
+        call_id: m.round,
+        commit_infos: Vec::new(),
+    }
+}
+
+pub fn append_from_pb(r: pb::AppendEntriesRequest) -> Result<AppendEntries, DecodeError> {
+    let prev = r.previous.unwrap_or_default();
+    let entries = r
+        .entries
+        .into_iter()
+        .map(entry_from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
+    // A leader's entries are contiguous and follow `previous`; anything else
+    // is a malformed request, refused before the core sees it.
+    for (i, e) in entries.iter().enumerate() {
+        if e.index != prev.index + 1 + i as u64 {
+            return Err(DecodeError::Invalid(format!(
+                "entry {} does not follow previous index {} contiguously",
+                e.index, prev.index
+            )));
+        }
+    }
+    Ok(AppendEntries {
+        term: r.leader_term,
+        prev_index: prev.index,
+        prev_term: prev.term,
+        entries,
+        leader_commit: r.leader_commit,
+        round: r.call_id,
+    })
+}
+
+pub fn append_reply_to_pb(
+    group: &Bytes,
+    from: NodeId,
+    m: &AppendEntriesReply,
+) -> pb::AppendEntriesReply {
+    let result = match m.result {
+        AppendResult::Success => pb::AppendResult::Success,
+        AppendResult::NotLeader => pb::AppendResult::NotLeader,
+        AppendResult::Inconsistency => pb::AppendResult::Inconsistency,
+    };
+    pb::AppendEntriesReply {
+        group_id: group_pb(group),
+        follower_id: from,
+        term: m.term,
+        result: result as i32,
+        next_index: m.next_index,
+        match_index: m.match_index,
+        follower_commit: m.follower_commit,
+        call_id: m.round,
+        conflict_term: m.conflict_term,
+        rejected_previous: m.rejected_prev,
+    }
+}
+
+pub fn append_reply_from_pb(r: &pb::AppendEntriesReply) -> Result<AppendEntriesReply, DecodeError> {
+    let result = match r.result() {
+        pb::AppendResult::Success => AppendResult::Success,
+        pb::AppendResult::NotLeader => AppendResult::NotLeader,
+        pb::AppendResult::Inconsistency => AppendResult::Inconsistency,
+        pb::AppendResult::Unspecified => {
+            return Err(DecodeError::Invalid("append reply without a result".into()));
+        }
+    };
+    Ok(AppendEntriesReply {
+        term: r.term,
+        result,
+        match_index: r.match_index,
+        next_index: r.next_index,
+        conflict_term: r.conflict_term,
+        rejected_prev: r.rejected_previous,
+        follower_commit: r.follower_commit,
+        round: r.call_id,
+    })
+}
+
+pub fn vote_to_pb(
+    group: &Bytes,
+    from: NodeId,
+    to: NodeId,
+    m: &RequestVote,
+) -> pb::RequestVoteRequest {
+    pb::RequestVoteRequest {
+        group_id: group_pb(group),
+        candidate_id: from,
+        voter_id: to,
+        term: m.term,
+        last_entry: term_index(m.last_term, m.last_index),
+        pre_vote: m.pre_vote,
+        leadership_transfer: m.transfer,
+        candidate_priority: m.priority,
+    }
+}
+
+pub fn vote_from_pb(r: &pb::RequestVoteRequest) -> RequestVote {
+    let last = r.last_entry.unwrap_or_default();
+    RequestVote {
+        term: r.term,
+        last_index: last.index,
+        last_term: last.term,
+        pre_vote: r.pre_vote,
+        transfer: r.leadership_transfer,
+        priority: r.candidate_priority,
+    }
+}
+
+const REFUSALS: [(VoteRefusal, &str); 5] = [
+    (VoteRefusal::StaleTerm, "stale term"),
+    (VoteRefusal::AlreadyVoted, "already voted in this term"),
+    (VoteRefusal::LogBehind, "candidate's log is behind"),
+    (VoteRefusal::LowerPriority, "candidate has lower priority"),
+    (VoteRefusal::LeaderAlive, "a leader is alive"),
+];
+
+pub fn vote_reply_to_pb(group: &Bytes, from: NodeId, m: &RequestVoteReply) -> pb::RequestVoteReply {
+    let reason = m
+        .refusal
+        .and_then(|r| REFUSALS.iter().find(|(k, _)| *k == r))
+        .map_or("", |(_, s)| s);
+    pb::RequestVoteReply {
+        group_id: group_pb(group),
+        voter_id: from,
+        term: m.term,
+        granted: m.granted(),
+        pre_vote: m.pre_vote,
+        reason: reason.to_string(),
+    }
+}
+
+pub fn vote_reply_from_pb(r: &pb::RequestVoteReply) -> RequestVoteReply {
+    let refusal = (!r.granted).then(|| {
+        REFUSALS
+            .iter()
+            .find(|(_, s)| *s == r.reason)
+            .map_or(VoteRefusal::StaleTerm, |(k, _)| *k)
+    });
+    RequestVoteReply {
+        term: r.term,
+        pre_vote: r.pre_vote,
+        refusal,
+    }
+}
+
+pub fn start_election_to_pb(
+    group: &Bytes,
+    from: NodeId,
+    to: NodeId,
+    m: &StartElection,
+) -> pb::StartLeaderElectionRequest {
+    pb::StartLeaderElectionRequest {
+        group_id: group_pb(group),
+        leader_id: from,
+        target_id: to,
+        leader_term: m.term,
+        leader_last_entry: term_index(m.last_term, m.last_index),
+    }
+}
+
+pub fn start_election_from_pb(r: &pb::StartLeaderElectionRequest) -> StartElection {
+    let last = r.leader_last_entry.unwrap_or_default();
+    StartElection {
+        term: r.leader_term,
+        last_index: last.index,
+        last_term: last.term,
+    }
+}
+
+pub fn read_index_to_pb(group: &Bytes, from: NodeId, m: &ReadIndexRequest) -> pb::ReadIndexRequest {
+    pb::ReadIndexRequest {
+        group_id: group_pb(group),
+        follower_id: from,
+        context: m.ctx,
+        term: m.term,
+    }
+}
+
+pub fn read_index_from_pb(r: &pb::ReadIndexRequest) -> ReadIndexRequest {
+    ReadIndexRequest {
+        term: r.term,
+        ctx: r.context,
+    }
+}
+
+pub fn read_index_reply_to_pb(group: &Bytes, m: &ReadIndexReply) -> pb::ReadIndexReply {
+    use pb::raft_exception::Kind;
+    let (success, read_index, exception) = match &m.result {
+        Ok(index) => (true, *index, None),
+        Err(e) => {
+            let kind = match e {
+                ReadError::NotLeader { leader } => Kind::NotLeader(pb::NotLeaderException {
+                    suggested_leader: leader.map(|id| pb::Peer {
+                        id,
+                        ..Default::default()
+                    }),
+                    peers: Vec::new(),
+                }),
+                ReadError::SteppingDown => {
+                    Kind::LeaderSteppingDown(pb::LeaderSteppingDownException {
+                        message: e.to_string(),
+                    })
+                }
+                ReadError::LeaderChanged => Kind::AlreadyClosed(pb::AlreadyClosedException {
+                    message: e.to_string(),
+                }),
+            };
+            (false, 0, Some(pb::RaftException { kind: Some(kind) }))
+        }
+    };
+    pb::ReadIndexReply {
+        group_id: group_pb(group),
+        context: m.ctx,
+        success,
+        read_index,
+        term: m.term,
+        exception,
+    }
+}
+
+pub fn read_index_reply_from_pb(r: &pb::ReadIndexReply) -> ReadIndexReply {
+    use pb::raft_exception::Kind;
+    let result = if r.success {
+        Ok(r.read_index)
+    } else {
+        Err(match r.exception.as_ref().and_then(|e| e.kind.as_ref()) {
+            Some(Kind::NotLeader(n)) => ReadError::NotLeader {
+                leader: n.suggested_leader.as_ref().map(|p| p.id),
+            },
+            Some(Kind::LeaderSteppingDown(_)) => ReadError::SteppingDown,
+            _ => ReadError::LeaderChanged,
+        })
+    };
+    ReadIndexReply {
+        term: r.term,
+        ctx: r.context,
+        result,
+    }
+}
+
+pub fn install_reply_to_pb(
+    group: &Bytes,
+    from: NodeId,
+    m: &InstallSnapshotReply,
+) -> pb::InstallSnapshotReply {
+    let result = if m.accepted {
+        pb::InstallSnapshotResult::Success
+    } else {
+        pb::InstallSnapshotResult::NotLeader
+    };
+    pb::InstallSnapshotReply {
+        group_id: group_pb(group),
+        follower_id: from,
+        term: m.term,
+        result: result as i32,
+        request_index: 0,
+        snapshot_index: m.snapshot_index,
+        message: String::new(),
+    }
+}
+
+pub fn install_reply_from_pb(r: &pb::InstallSnapshotReply) -> InstallSnapshotReply {
+    InstallSnapshotReply {
+        term: r.term,
+        snapshot_index: r.snapshot_index,
+        accepted: matches!(
+            r.result(),
+            pb::InstallSnapshotResult::Success | pb::InstallSnapshotResult::AlreadyInstalled
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use prost::Message;
 
     use super::*;

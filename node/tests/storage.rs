@@ -653,6 +653,7 @@ mod recovery {
             reset_to: None,
             hard_state: ready.hard_state,
             entries: ready.entries,
+            purge_to: None,
         };
         for c in st.commit_group(vec![batch]) {
             if let Completion::Durable { ready, .. } = c {

@@ -428,6 +428,15 @@ impl RaftCore {
         }
     }
 
+    /// Stops leading at once (the shell saw a long runtime stall, so its
+    /// lease and its view of the followers may be stale). Always safe: the
+    /// member keeps its term and log and may be elected again.
+    pub fn step_down(&mut self) {
+        if self.role == Role::Leader {
+            self.become_follower(self.term, None);
+        }
+    }
+
     /// Appends a command; returns the (term, index) it was appended at.
     pub fn propose(&mut self, data: Bytes) -> Result<(Term, Index), ProposeError> {
         self.check_can_write()?;

@@ -72,6 +72,19 @@ impl Applier {
         self.applied
     }
 
+    /// Replaces the state with a snapshot taken at `index` (installed from
+    /// the leader, or loaded at start). The retry cache keeps what it knows:
+    /// calls the snapshot covers are answered until they expire.
+    pub fn restore(
+        &mut self,
+        index: Index,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<(), crate::statemachine::StateMachineError> {
+        self.sm.restore(index, files)?;
+        self.applied = index;
+        Ok(())
+    }
+
     /// Applies committed entries in order; one outcome per command.
     pub fn apply(&mut self, entries: &[Entry]) -> Vec<Outcome> {
         let mut out = Vec::new();

@@ -1,7 +1,10 @@
-//! The async shell around the core (being built): the group owner task, the
-//! multi-group registry, and the write path's pieces that are here already:
-//! the retry cache, the pending-request limits and the applier.
+//! The async shell around the core: the group owner task ([`group`]), the
+//! multi-group registry ([`node`]), and the write path's pieces: the retry
+//! cache, the pending-request limits and the applier; plus metrics.
 
 pub mod apply;
+pub mod group;
 pub mod limits;
+pub mod metrics;
+pub mod node;
 pub mod retry_cache;

@@ -25,8 +25,9 @@ use super::{LogStore, Meta, MetaStore, SegmentedLog, StorageError};
 use crate::core::{Entry, EntryPayload, HardState, Index};
 
 /// What one Ready asks storage to make durable, in this order: reset the log
-/// (an installed snapshot that did not match it), write the hard state,
-/// append the entries.
+/// (an installed snapshot that did not match it) or purge it up to the
+/// snapshot (one that did), write the hard state, append the entries; after
+/// the fsync, purge up to a local snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
     /// The Ready's number, reported back when durable.
@@ -34,6 +35,29 @@ pub struct WriteBatch {
     pub reset_to: Option<Index>,
     pub hard_state: Option<HardState>,
     pub entries: Vec<Entry>,
+    /// Drop segments covered by a snapshot up to here. Queued like any write
+    /// so that it never overtakes an earlier truncation (see
+    /// `RaftCore::compact`).
+    pub purge_to: Option<Index>,
+}
+
+impl WriteBatch {
+    /// Whether there is anything to write.
+    pub fn is_empty(&self) -> bool {
+        self.reset_to.is_none()
+            && self.hard_state.is_none()
+            && self.entries.is_empty()
+            && self.purge_to.is_none()
+    }
+}
+
+/// Told how long each group fsync took (for latency histograms).
+pub struct SyncObserver(pub Box<dyn FnMut(std::time::Duration) + Send>);
+
+impl std::fmt::Debug for SyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncObserver")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +93,7 @@ pub struct WorkerState {
     pub meta: Meta,
     pending: Vec<WriteBatch>,
     unhealthy: bool,
+    pub on_sync: Option<SyncObserver>,
 }
 
 impl WorkerState {
@@ -79,6 +104,7 @@ impl WorkerState {
             meta,
             pending: Vec::new(),
             unhealthy: false,
+            on_sync: None,
         }
     }
 
@@ -146,7 +172,15 @@ impl WorkerState {
         if meta_dirty {
             self.meta_store.store(&self.meta)?;
         }
-        self.log.sync()
+        let started = std::time::Instant::now();
+        let last = self.log.sync()?;
+        if let Some(SyncObserver(observe)) = &mut self.on_sync {
+            observe(started.elapsed());
+        }
+        if let Some(upto) = self.pending.iter().filter_map(|b| b.purge_to).max() {
+            self.log.purge(upto)?;
+        }
+        Ok(last)
     }
 }
 
