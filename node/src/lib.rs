@@ -12,6 +12,8 @@
 
 pub mod convert;
 pub mod core;
+pub mod http;
+pub mod rpc;
 pub mod server;
 pub mod statemachine;
 pub mod storage;

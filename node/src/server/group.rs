@@ -127,7 +127,7 @@ pub enum ClientError {
 
 /// A served request: the log index it was applied (or read) at and its
 /// result.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Served {
     pub index: Index,
     pub payload: Bytes,

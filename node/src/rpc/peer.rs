@@ -1,0 +1,364 @@
+//! The peer transport: one gRPC connection per peer, shared by every group.
+//!
+//! - appendEntries: one long-lived bidirectional stream per peer carries the
+//!   requests of all groups (each names its group); the peer's replies come
+//!   back on the same stream and are routed to the group they name. Requests
+//!   are pipelined: nothing waits for a reply before the next is sent.
+//! - requestVote, startLeaderElection, readIndex: unary calls; the answer is
+//!   delivered to the group as a message from the peer.
+//! - installSnapshot: a stream of file chunks; the follower's reply ends it.
+//!
+//! Sending never blocks a group: a full queue drops the message, which Raft
+//! treats like any lost packet (the leader retransmits, candidates retry).
+//! A broken stream reconnects with a jittered backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kuberaft_proto::v1 as pb;
+use kuberaft_proto::v1::raft_server_protocol_service_client::RaftServerProtocolServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::{self, membership_to_pb};
+use crate::core::{Envelope, InstallSnapshot, Membership, Message, NodeId};
+use crate::server::group::{GroupMsg, ReplyPath, Transport};
+use crate::server::node::Router;
+
+/// Snapshot files are streamed in chunks of this size.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+const UNARY_TIMEOUT: Duration = Duration::from_secs(2);
+const APPEND_QUEUE: usize = 4096;
+
+#[derive(Debug)]
+struct PeerConn {
+    address: String,
+    client: RaftServerProtocolServiceClient<Channel>,
+    appends: mpsc::Sender<pb::AppendEntriesRequest>,
+}
+
+#[derive(Debug)]
+pub struct PeerTransport {
+    self_id: NodeId,
+    router: Router,
+    addresses: Mutex<HashMap<NodeId, String>>,
+    conns: Mutex<HashMap<NodeId, Arc<PeerConn>>>,
+}
+
+/// A lazily connecting channel to `address` (host:port).
+pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+fn deliver(router: &Router, group: &[u8], from: NodeId, msg: GroupMsg) {
+    let handle = router.read().expect("router lock").get(group).cloned();
+    match handle {
+        Some(h) => {
+            if h.tx.try_send(msg).is_err() {
+                tracing::debug!(from, "group inbox full; peer message dropped");
+            }
+        }
+        None => tracing::debug!(from, "message for a group this node does not host"),
+    }
+}
+
+fn step(router: &Router, group: &[u8], from: NodeId, msg: Message) {
+    let m = GroupMsg::Step {
+        from,
+        msg,
+        reply: ReplyPath::None,
+    };
+    deliver(router, group, from, m);
+}
+
+impl PeerTransport {
+    pub fn new(self_id: NodeId, router: Router) -> Arc<Self> {
+        Arc::new(PeerTransport {
+            self_id,
+            router,
+            addresses: Mutex::default(),
+            conns: Mutex::default(),
+        })
+    }
+
+    fn conn(&self, to: NodeId) -> Option<Arc<PeerConn>> {
+        let address = self.addresses.lock().expect("lock").get(&to).cloned()?;
+        let mut conns = self.conns.lock().expect("lock");
+        if let Some(c) = conns.get(&to).filter(|c| c.address == address) {
+            return Some(c.clone());
+        }
+        let ch = match channel(&address) {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(to, %address, error = %e, "bad peer address");
+                return None;
+            }
+        };
+        let client = RaftServerProtocolServiceClient::new(ch)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        let conn = Arc::new(PeerConn {
+            address,
+            client: client.clone(),
+            appends: tx,
+        });
+        conns.insert(to, conn.clone());
+        tokio::spawn(append_stream(to, client, rx, self.router.clone()));
+        Some(conn)
+    }
+
+    fn unary(&self, group: &Bytes, to: NodeId, msg: Message) {
+        let Some(conn) = self.conn(to) else {
+            tracing::debug!(to, "no address for peer yet; message dropped");
+            return;
+        };
+        let mut client = conn.client.clone();
+        let router = self.router.clone();
+        let group = group.clone();
+        let from = self.self_id;
+        tokio::spawn(async move {
+            let reply = match msg {
+                Message::RequestVote(v) => {
+                    let req = convert::vote_to_pb(&group, from, to, &v);
+                    call(client.request_vote(req))
+                        .await
+                        .map(|r| Message::RequestVoteReply(convert::vote_reply_from_pb(&r)))
+                }
+                Message::StartElection(s) => {
+                    let req = convert::start_election_to_pb(&group, from, to, &s);
+                    let _ = call(client.start_leader_election(req)).await;
+                    None
+                }
+                Message::ReadIndex(r) => {
+                    let req = convert::read_index_to_pb(&group, from, &r);
+                    call(client.read_index(req))
+                        .await
+                        .map(|r| Message::ReadIndexReply(convert::read_index_reply_from_pb(&r)))
+                }
+                other => {
+                    tracing::error!(?other, "not a request message");
+                    None
+                }
+            };
+            if let Some(m) = reply {
+                step(&router, &group, to, m);
+            }
+        });
+    }
+}
+
+async fn call<T>(
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Option<T> {
+    match tokio::time::timeout(UNARY_TIMEOUT, fut).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        Ok(Err(status)) => {
+            tracing::debug!(%status, "peer call failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Keeps one appendEntries stream to a peer open, feeding it from `queue`
+/// and routing replies to their groups.
+async fn append_stream(
+    to: NodeId,
+    mut client: RaftServerProtocolServiceClient<Channel>,
+    mut queue: mpsc::Receiver<pb::AppendEntriesRequest>,
+    router: Router,
+) {
+    loop {
+        let (tx, rx) = mpsc::channel(256);
+        // The first request opens the stream; waiting for it keeps idle
+        // peers without a stream.
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let _ = tx.try_send(first);
+        match client.append_entries(ReceiverStream::new(rx)).await {
+            Ok(resp) => {
+                let mut replies = resp.into_inner();
+                loop {
+                    tokio::select! {
+                        req = queue.recv() => match req {
+                            Some(r) => {
+                                if tx.send(r).await.is_err() {
+                                    break;
+                                }
+                            }
+                            None => return,
+                        },
+                        reply = replies.message() => match reply {
+                            Ok(Some(r)) => {
+                                let group = r.group_id.clone().unwrap_or_default().id;
+                                match convert::append_reply_from_pb(&r) {
+                                    Ok(m) => step(&router, &group, r.follower_id, Message::AppendEntriesReply(m)),
+                                    Err(e) => tracing::warn!(to, error = %e, "bad append reply"),
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(to, %status, "append stream broke");
+                                break;
+                            }
+                        },
+                    }
+                }
+            }
+            Err(status) => tracing::debug!(to, %status, "cannot open append stream"),
+        }
+        // Requests queued while the stream was down are stale; the leader
+        // retransmits what matters.
+        while queue.try_recv().is_ok() {}
+        let jitter = rand::random::<u64>() % 100;
+        tokio::time::sleep(Duration::from_millis(100 + jitter)).await;
+    }
+}
+
+impl Transport for PeerTransport {
+    fn send(&self, group: &Bytes, env: Envelope) {
+        match &env.msg {
+            Message::AppendEntries(a) => {
+                let Some(conn) = self.conn(env.to) else {
+                    tracing::debug!(to = env.to, "no address for peer yet; append dropped");
+                    return;
+                };
+                let req = convert::append_to_pb(group, env.from, env.to, a);
+                if conn.appends.try_send(req).is_err() {
+                    tracing::debug!(to = env.to, "append queue full; dropped");
+                }
+            }
+            _ => self.unary(group, env.to, env.msg),
+        }
+    }
+
+    fn send_snapshot(
+        &self,
+        group: &Bytes,
+        to: NodeId,
+        install: InstallSnapshot,
+        files: Vec<(String, Vec<u8>)>,
+    ) {
+        let router = self.router.clone();
+        let group = group.clone();
+        let from = self.self_id;
+        let Some(conn) = self.conn(to) else {
+            deliver(&router, &group, to, GroupMsg::SnapshotFailed { to });
+            return;
+        };
+        let mut client = conn.client.clone();
+        tokio::spawn(async move {
+            let requests = snapshot_requests(&group, from, to, &install, files);
+            let result = async {
+                let mut replies = client
+                    .install_snapshot(tokio_stream::iter(requests))
+                    .await?
+                    .into_inner();
+                let mut last = None;
+                while let Some(r) = replies.message().await? {
+                    last = Some(r);
+                }
+                Ok::<_, tonic::Status>(last)
+            };
+            match tokio::time::timeout(Duration::from_secs(300), result).await {
+                Ok(Ok(Some(r))) => step(
+                    &router,
+                    &group,
+                    to,
+                    Message::InstallSnapshotReply(convert::install_reply_from_pb(&r)),
+                ),
+                other => {
+                    tracing::warn!(to, result = ?other.map(|r| r.map(|_| ())), "snapshot transfer failed");
+                    deliver(&router, &group, to, GroupMsg::SnapshotFailed { to });
+                }
+            }
+        });
+    }
+
+    fn learn(&self, membership: &Membership) {
+        let mut addrs = self.addresses.lock().expect("lock");
+        for id in membership.members() {
+            if let Some(p) = membership.peer(id).filter(|p| !p.address.is_empty()) {
+                addrs.insert(id, p.address.clone());
+            }
+        }
+    }
+}
+
+/// The messages of one snapshot transfer: metadata first, then every file in
+/// chunks, the last message marked `done`.
+pub fn snapshot_requests(
+    group: &Bytes,
+    from: NodeId,
+    to: NodeId,
+    install: &InstallSnapshot,
+    files: Vec<(String, Vec<u8>)>,
+) -> Vec<pb::InstallSnapshotRequest> {
+    let head = pb::InstallSnapshotRequest {
+        group_id: convert::group_pb(group),
+        leader_id: from,
+        follower_id: to,
+        leader_term: install.term,
+        last_included: Some(pb::TermIndex {
+            term: install.meta.term,
+            index: install.meta.index,
+        }),
+        configuration: Some(membership_to_pb(&install.meta.membership)),
+        files: files
+            .iter()
+            .map(|(name, data)| pb::SnapshotFile {
+                name: name.clone(),
+                size: data.len() as u64,
+                crc32c: crc32c::crc32c(data),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut out = vec![head];
+    for (name, data) in files {
+        let data = Bytes::from(data);
+        let mut offset = 0;
+        loop {
+            let end = (offset + SNAPSHOT_CHUNK).min(data.len());
+            out.push(pb::InstallSnapshotRequest {
+                group_id: convert::group_pb(group),
+                leader_id: from,
+                follower_id: to,
+                leader_term: install.term,
+                chunk: Some(pb::SnapshotChunk {
+                    file_name: name.clone(),
+                    offset: offset as u64,
+                    data: data.slice(offset..end),
+                    done: end == data.len(),
+                }),
+                ..Default::default()
+            });
+            offset = end;
+            if offset >= data.len() {
+                break;
+            }
+        }
+    }
+    for (i, r) in out.iter_mut().enumerate() {
+        r.request_index = i as u64;
+    }
+    if let Some(last) = out.last_mut() {
+        last.done = true;
+    }
+    out
+}
