@@ -10,6 +10,7 @@
 //! The storage, state machines, server shell, rpc services, HTTP endpoints and
 //! client library land in later modules (see DESIGN.md §1).
 
+pub mod client;
 pub mod convert;
 pub mod core;
 pub mod http;
