@@ -113,8 +113,11 @@ fn args_with_config_file() -> anyhow::Result<Args> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KUBERAFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stdout);
     if format == "json" {
         b.json().init();
@@ -202,7 +205,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: handing over leadership, then stopping"),
         _ = int.recv() => tracing::info!("SIGINT: handing over leadership, then stopping"),
-        r = &mut Box::pin(async { grpc_task.await }) => {
+        r = grpc_task => {
             r??;
             bail!("the gRPC server stopped");
         }

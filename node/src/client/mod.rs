@@ -144,6 +144,25 @@ impl Client {
         })
     }
 
+    /// The same client under another identity for retries: a process that
+    /// restarts and retries its calls passes the id it used before.
+    pub fn with_client_id(&self, client_id: Bytes) -> Result<Client, ClientError> {
+        let peers: Vec<String> = self
+            .inner
+            .conns
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|c| c.address.clone())
+            .collect();
+        let c = Client::new(&peers, &self.inner.group, self.inner.opts.clone())?;
+        let mut inner = Arc::try_unwrap(c.inner).expect("fresh client");
+        inner.client_id = client_id;
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
     pub fn client_id(&self) -> &Bytes {
         &self.inner.client_id
     }

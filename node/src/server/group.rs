@@ -40,7 +40,7 @@ use crate::core::{
     Membership, Message, NodeId, PeerInfo, ProposeError, RaftCore, ReadError, Role, SnapshotMeta,
     Term, TransferError,
 };
-use crate::statemachine::StateMachine;
+use crate::statemachine::{SnapshotFiles, StateMachine};
 use crate::storage::{
     Completion, LogWorker, RecoveredGroup, SnapshotInfo, SnapshotStore, SyncObserver, WorkerState,
     WriteBatch,
@@ -255,7 +255,9 @@ pub struct GroupView {
     pub leader_changes: u64,
     pub pending_requests: u64,
     pub retry_cache_hits: u64,
-    /// Milliseconds since this member last heard from (or was) a leader.
+    /// Snapshots received from a leader and installed.
+    pub snapshots_installed: u64,
+    /// The group's task has ended (removed, shut down or storage failed).
     pub stopped: bool,
 }
 
@@ -350,6 +352,10 @@ const KIND_READ: u8 = 2;
 const KIND_INSTALL: u8 = 3;
 const MAX_BATCH: usize = 1024;
 
+/// A snapshot received from the leader and stored, waiting for the core to
+/// install it: its files and whether the log continues it.
+type Incoming = (SnapshotMeta, SnapshotFiles, bool);
+
 struct Group {
     id: Bytes,
     label: GroupLabel,
@@ -380,12 +386,13 @@ struct Group {
     shutdown_reply: Option<oneshot::Sender<()>>,
     append_sinks: HashMap<NodeId, mpsc::Sender<pb::AppendEntriesReply>>,
     once: HashMap<(NodeId, u8, u64), oneshot::Sender<Message>>,
-    incoming: Option<(SnapshotMeta, Vec<(String, Vec<u8>)>, bool)>,
+    incoming: Option<Incoming>,
     sending_snapshot: HashSet<NodeId>,
     learned: Membership,
     storage_error: Option<String>,
     failed: bool,
     leader_changes: u64,
+    snapshots_installed: u64,
 }
 
 impl std::fmt::Debug for Group {
@@ -512,6 +519,7 @@ pub fn spawn_group(
         storage_error: None,
         failed: false,
         leader_changes: 0,
+        snapshots_installed: 0,
         opts,
     };
     g.publish();
@@ -655,12 +663,23 @@ impl Group {
                 level,
                 reply,
             }),
-            GroupMsg::ChangeMembership { req, reply } => match self.core.change_membership(req) {
-                Ok(()) => self.conf_reply = Some(reply),
-                Err(e) => {
-                    let _ = reply.send(Err(self.conf_error(e)));
+            GroupMsg::ChangeMembership { req, reply } => {
+                // New members are staged (sent the log) before they appear
+                // in any configuration entry: the transport needs their
+                // addresses now.
+                let named = Membership {
+                    voters: req.voters.iter().map(|p| (p.id, p.clone())).collect(),
+                    listeners: req.listeners.iter().map(|p| (p.id, p.clone())).collect(),
+                    old_voters: None,
+                };
+                self.transport.learn(&named);
+                match self.core.change_membership(req) {
+                    Ok(()) => self.conf_reply = Some(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(self.conf_error(e)));
+                    }
                 }
-            },
+            }
             GroupMsg::Transfer {
                 target,
                 timeout,
@@ -943,6 +962,7 @@ impl Group {
                             return;
                         }
                         self.last_snapshot = meta.index;
+                        self.snapshots_installed += 1;
                         if keep {
                             batch.purge_to = Some(meta.index);
                         } else {
@@ -1290,9 +1310,6 @@ impl Group {
         v.commit_index = st.commit_index;
         v.applied_index = self.applier.applied_index();
         v.snapshot_index = self.last_snapshot;
-        if v.peers.len() != m.len() || m.is_joint() || !v.old_voters.is_empty() {
-            v.peers.clear();
-        }
         v.peers = m
             .voters
             .values()
@@ -1311,6 +1328,7 @@ impl Group {
         v.leader_changes = self.leader_changes;
         v.pending_requests = self.limits.pending().0;
         v.retry_cache_hits = self.applier.retry_cache().hits();
+        v.snapshots_installed = self.snapshots_installed;
     }
 }
 

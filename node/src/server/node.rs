@@ -85,7 +85,7 @@ pub fn hex(id: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Bytes> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -1,0 +1,387 @@
+//! Multi-process tests: real `kuberaft-node` processes on loopback, driven
+//! through the client library, the `kuberaft` CLI and the admin API.
+
+mod harness;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use harness::{Cluster, admin, gid, poll};
+use kuberaft_proto::v1 as pb;
+use prost::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_and_library_write_read_and_report() {
+    let c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &c.all()).await;
+    let leader = c.leader("default", &c.all()).await;
+
+    let all = c.all();
+    let (ok, out, err) = c.cli(&all, &["put", "greeting", "hello"]);
+    assert!(ok, "put failed: {err}");
+    assert!(out.starts_with("OK"), "{out}");
+    let (ok, out, _) = c.cli(&all, &["get", "greeting"]);
+    assert!(ok);
+    assert_eq!(out.trim(), "hello");
+
+    // The library sees the CLI's write, and the CLI the library's.
+    let cl = c.client("default", &[2, 1, 0]);
+    assert_eq!(
+        cl.get(b"greeting").await.unwrap(),
+        Some(Bytes::from("hello"))
+    );
+    cl.put(b"k/1", b"one").await.unwrap();
+    cl.put(b"k/2", b"two").await.unwrap();
+    let (ok, out, _) = c.cli(&all, &["scan", "k/"]);
+    assert!(ok);
+    assert_eq!(out, "k/1\tone\nk/2\ttwo\n");
+
+    let (ok, _, _) = c.cli(&all, &["cas", "k/1", "one", "uno"]);
+    assert!(ok);
+    let (ok, _, err) = c.cli(&all, &["cas", "k/1", "one", "eins"]);
+    assert!(!ok, "a failed compare exits non-zero");
+    assert!(
+        err.contains("compare failed") && err.contains("uno"),
+        "{err}"
+    );
+    let (ok, out, _) = c.cli(&all, &["delete", "k/2"]);
+    assert!(ok && out.contains("deleted"));
+    let (ok, _, err) = c.cli(&all, &["get", "k/2"]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("not found"), "{err}");
+
+    // Unknown group: one clear line, non-zero exit.
+    let (ok, _, err) = c.cli(&all, &["--group", "nope", "--timeout", "2s", "get", "x"]);
+    assert!(!ok);
+    assert!(err.contains("does not exist"), "{err}");
+
+    // group info --json names every member and the leader.
+    let (ok, out, err) = c.cli(&all, &["group", "info", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 3);
+    let leaders: Vec<_> = arr.iter().filter(|m| m["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["member_id"], c.members[leader].id);
+    assert_eq!(arr[0]["peers"].as_array().unwrap().len(), 3);
+
+    // Watch: an applied index reaches every level.
+    let (ok, out, err) = c.cli(&all, &["watch", "2", "--level", "all-committed"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("reached"));
+
+    // HTTP endpoints.
+    assert_eq!(c.http_get(0, "/livez").0, 200);
+    let ready = poll("readyz", || async {
+        (c.http_get(1, "/readyz").0 == 200).then_some(())
+    });
+    ready.await;
+    let (code, metrics) = c.http_get(leader, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "kuberaft_term",
+        "kuberaft_commit_index",
+        "kuberaft_log_fsync_seconds_bucket",
+        "kuberaft_role",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}");
+    }
+    let (code, status) = c.http_get(2, "/status");
+    assert_eq!(code, 200);
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(s["member_id"], c.members[2].id);
+    assert_eq!(s["groups"][0]["group"], "default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_writes_go_on_and_the_restarted_member_catches_up() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &c.all()).await;
+    let leader = c.leader("default", &c.all()).await;
+    let cl = c.client("default", &c.all());
+    for i in 0..30 {
+        cl.put(format!("a{i}").as_bytes(), b"1").await.unwrap();
+    }
+    c.kill(leader);
+    let rest: Vec<usize> = c.all().into_iter().filter(|i| *i != leader).collect();
+    for i in 0..30 {
+        cl.put(format!("b{i}").as_bytes(), b"2").await.unwrap();
+    }
+    let new_leader = c.leader("default", &rest).await;
+    assert_ne!(new_leader, leader);
+    c.restart(leader).await;
+    c.caught_up(leader, "default", new_leader).await;
+    // Every acknowledged write is there, read through the restarted member
+    // (a follower read confirmed by the leader).
+    let via_old = c.client("default", &[leader]);
+    for i in 0..30 {
+        assert_eq!(
+            via_old.get(format!("a{i}").as_bytes()).await.unwrap(),
+            Some(Bytes::from("1"))
+        );
+        assert_eq!(
+            via_old.get(format!("b{i}").as_bytes()).await.unwrap(),
+            Some(Bytes::from("2"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_a_purged_log_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start(3, &["--snapshot-threshold=40", "--purge-keep-entries=0"]).await;
+    c.create_group("default", "kv", &c.all()).await;
+    let leader = c.leader("default", &c.all()).await;
+    let lagger = (leader + 1) % 3;
+    c.kill(lagger);
+    let cl = c.client("default", &c.all());
+    for i in 0..200 {
+        cl.put(format!("k{i:03}").as_bytes(), format!("v{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let l = c.info(leader, "default").await.unwrap();
+    assert!(
+        l.snapshot_index >= 160,
+        "the leader snapshotted: {}",
+        l.snapshot_index
+    );
+    c.restart(lagger).await;
+    c.caught_up(lagger, "default", leader).await;
+    let (_, status) = c.http_get(lagger, "/status");
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        s["groups"][0]["snapshots_installed"].as_u64().unwrap() >= 1,
+        "caught up through installSnapshot: {status}"
+    );
+    // Its state machine holds everything, read locally at the leader's index.
+    let local = c.client("default", &[lagger]);
+    let r = local
+        .stale_read(
+            Bytes::from(
+                pb::KvQuery {
+                    op: Some(pb::kv_query::Op::Scan(pb::KvScan {
+                        prefix: Bytes::from_static(b"k"),
+                        ..Default::default()
+                    })),
+                }
+                .encode_to_vec(),
+            ),
+            l.commit_index,
+        )
+        .await
+        .unwrap();
+    let res = pb::KvResult::decode(r.payload).unwrap();
+    assert_eq!(res.pairs.len(), 200);
+    // And it survives its own restart from the installed snapshot.
+    c.kill(lagger);
+    c.restart(lagger).await;
+    c.caught_up(lagger, "default", leader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_under_load() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &[0, 1, 2]).await;
+    let leader = c.leader("default", &[0, 1, 2]).await;
+    let newcomer = c.add_member().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cl = c.client("default", &[0, 1, 2, newcomer]);
+    let load = {
+        let (cl, stop) = (cl.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("load{i}");
+                cl.put(key.as_bytes(), b"x")
+                    .await
+                    .expect("writes go on during changes");
+                acked.push(key);
+                i += 1;
+            }
+            acked
+        })
+    };
+    let addr = c.members[newcomer].addr.clone();
+    let (ok, out, err) = c.cli(&[0, 1, 2], &["peer", "add", "--address", &addr]);
+    assert!(ok, "peer add: {err}");
+    assert!(out.contains("added"), "{out}");
+    let removed = (leader + 1) % 3;
+    let rid = c.members[removed].id.to_string();
+    let (ok, _, err) = c.cli(&[0, 1, 2], &["peer", "remove", "--id", &rid]);
+    assert!(ok, "peer remove: {err}");
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(!acked.is_empty());
+
+    let members: Vec<usize> = [0, 1, 2, newcomer]
+        .into_iter()
+        .filter(|i| *i != removed)
+        .collect();
+    let leader = c.leader("default", &members).await;
+    let info = c.info(leader, "default").await.unwrap();
+    let ids: Vec<u64> = info
+        .configuration
+        .unwrap()
+        .peers
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert!(ids.contains(&c.members[newcomer].id));
+    assert!(!ids.contains(&c.members[removed].id));
+    assert_eq!(ids.len(), 3);
+    c.caught_up(newcomer, "default", leader).await;
+    let check = c.client("default", &members);
+    for key in &acked {
+        assert_eq!(
+            check.get(key.as_bytes()).await.unwrap(),
+            Some(Bytes::from("x")),
+            "{key} lost"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_pause_and_sigterm_hand_over_leadership() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &c.all()).await;
+    let leader = c.leader("default", &c.all()).await;
+    let target = (leader + 1) % 3;
+    let tid = c.members[target].id.to_string();
+    let (ok, out, err) = c.cli(&c.all(), &["election", "transfer", "--to", &tid]);
+    assert!(ok, "transfer: {err}");
+    assert!(out.contains("leads"));
+    assert_eq!(c.leader("default", &c.all()).await, target);
+
+    // Pause elections on one follower; when the leader dies only the other
+    // follower may campaign.
+    let paused = (target + 1) % 3;
+    let other = (target + 2) % 3;
+    let pid = c.members[paused].id.to_string();
+    let (ok, _, err) = c.cli(&c.all(), &["election", "pause", "--member", &pid]);
+    assert!(ok, "pause: {err}");
+    assert!(c.info(paused, "default").await.unwrap().elections_paused);
+    c.kill(target);
+    assert_eq!(c.leader("default", &[paused, other]).await, other);
+    let (ok, _, _) = c.cli(&[paused, other], &["election", "resume", "--member", &pid]);
+    assert!(ok);
+    c.restart(target).await;
+
+    // SIGTERM on the leader: it hands over, then exits cleanly.
+    let leader = c.leader("default", &c.all()).await;
+    let cl = c.client("default", &c.all());
+    cl.put(b"before", b"1").await.unwrap();
+    assert!(c.terminate(leader), "the node stops cleanly on SIGTERM");
+    let rest: Vec<usize> = c.all().into_iter().filter(|i| *i != leader).collect();
+    let next = c.leader("default", &rest).await;
+    assert_ne!(next, leader);
+    assert_eq!(cl.get(b"before").await.unwrap(), Some(Bytes::from("1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_groups_in_one_process() {
+    let c = Cluster::start(1, &[]).await;
+    for g in 0..100 {
+        c.create_group(&format!("g{g}"), "kv", &[0]).await;
+    }
+    for g in 0..100 {
+        let name = format!("g{g}");
+        c.leader(&name, &[0]).await;
+        let cl = c.client(&name, &[0]);
+        cl.put(b"k", name.as_bytes()).await.unwrap();
+    }
+    for g in (0..100).step_by(7) {
+        let name = format!("g{g}");
+        let cl = c.client(&name, &[0]);
+        assert_eq!(cl.get(b"k").await.unwrap(), Some(Bytes::from(name)));
+    }
+    let list = admin(&c.members[0].addr)
+        .await
+        .group_list(pb::GroupListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.group_ids.len(), 100);
+    // Removing one keeps the others; the set survives a restart.
+    let r = admin(&c.members[0].addr)
+        .await
+        .group_management(pb::GroupManagementRequest {
+            op: Some(pb::group_management_request::Op::Remove(pb::GroupRemove {
+                group_id: gid("g5"),
+                delete_data: false,
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{}", r.error);
+    let mut c = c;
+    c.kill(0);
+    c.restart(0).await;
+    let list = admin(&c.members[0].addr)
+        .await
+        .group_list(pb::GroupListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.group_ids.len(), 99);
+    c.leader("g99", &[0]).await;
+    let cl = c.client("g99", &[0]);
+    assert_eq!(cl.get(b"k").await.unwrap(), Some(Bytes::from("g99")));
+}
+
+fn add(n: i64) -> Bytes {
+    Bytes::from(pb::CounterCommand { add: n }.encode_to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_writes_are_applied_once_across_leader_changes_and_restarts() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.create_group("ctr", "counter", &c.all()).await;
+    let leader = c.leader("ctr", &c.all()).await;
+    let cl = c.client("ctr", &c.all());
+    let first = cl.write_call(7, add(5)).await.unwrap();
+    let again = cl.write_call(7, add(5)).await.unwrap();
+    assert_eq!(
+        first.index, again.index,
+        "the retry got the first call's answer"
+    );
+    assert_eq!(first.payload, again.payload);
+    cl.write_call(8, add(1)).await.unwrap();
+    assert_eq!(cl.counter_get().await.unwrap(), 6);
+
+    // A new leader knows the call from the log.
+    c.kill(leader);
+    let retry = cl.write_call(7, add(5)).await.unwrap();
+    assert_eq!(retry.index, first.index);
+    c.restart(leader).await;
+
+    // So does every member after a full restart (the log is replayed), and
+    // so does a new client process that retries under the old client id.
+    for i in c.all() {
+        c.kill(i);
+    }
+    for i in c.all() {
+        c.restart(i).await;
+    }
+    c.leader("ctr", &c.all()).await;
+    let reborn = c
+        .client("ctr", &c.all())
+        .with_client_id(cl.client_id().clone())
+        .unwrap();
+    let retry = reborn.write_call(7, add(5)).await.unwrap();
+    assert_eq!(retry.index, first.index);
+    assert_eq!(
+        reborn.counter_get().await.unwrap(),
+        6,
+        "applied exactly once"
+    );
+
+    // A state machine refusal is an error, not a retry loop.
+    let err = cl.write(Bytes::from_static(b"\xff\xff")).await.unwrap_err();
+    assert!(err.to_string().contains("malformed"), "{err}");
+}
