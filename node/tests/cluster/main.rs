@@ -385,3 +385,133 @@ async fn retried_writes_are_applied_once_across_leader_changes_and_restarts() {
     let err = cl.write(Bytes::from_static(b"\xff\xff")).await.unwrap_err();
     assert!(err.to_string().contains("malformed"), "{err}");
 }
+
+/// Pids of processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd)
+            .replace('\0', " ")
+            .contains(needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A base port P with P..P+2 and P+100..P+102 free.
+fn free_block() -> u16 {
+    loop {
+        let p = 20_000 + (rand::random::<u16>() % 20_000);
+        let free = (0..3)
+            .flat_map(|i| [p + i, p + 100 + i])
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        if free {
+            return p;
+        }
+    }
+}
+
+/// Runs `kuberaft local up` until its banner appears; kills it on drop.
+struct LocalUp(std::process::Child);
+
+impl LocalUp {
+    fn start(dir: &std::path::Path, base: u16) -> LocalUp {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(harness::CLI)
+            .args([
+                "local",
+                "up",
+                "--nodes",
+                "3",
+                "--base-port",
+                &base.to_string(),
+                "--dir",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let banner = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("Talk to it"));
+        assert!(banner.is_some(), "local up printed its banner");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        LocalUp(child)
+    }
+
+    fn interrupt(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        self.0.wait().unwrap().success()
+    }
+}
+
+impl Drop for LocalUp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_runs_survives_a_dead_member_and_restarts_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_block();
+    let peers = format!(
+        "127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        base,
+        base + 1,
+        base + 2
+    );
+    let cli = |args: &[&str]| {
+        std::process::Command::new(harness::CLI)
+            .args(["--peers", &peers])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut up = LocalUp::start(dir.path(), base);
+    assert!(cli(&["put", "k", "v1"]).status.success());
+    // One member dies: local up keeps the others, and they keep serving.
+    let node1 = format!("{}", dir.path().join("node-1").display());
+    for pid in pids_with(&node1) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let out = cli(&["put", "k", "v2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(up.interrupt(), "Ctrl-C stops local up cleanly");
+    let node_dir = format!("{}", dir.path().join("node-").display());
+    assert!(
+        pids_with(&node_dir).is_empty(),
+        "no member outlives local up"
+    );
+
+    // Again on the same directory: the same cluster, with its data.
+    let mut again = LocalUp::start(dir.path(), base);
+    let out = cli(&["get", "k"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v2");
+    assert!(again.interrupt());
+}
