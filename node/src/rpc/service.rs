@@ -488,7 +488,13 @@ impl RaftClientProtocolService for Services {
                             let p = this.admit(r).await;
                             inflight.push_back(p);
                         }
-                        _ => open = false,
+                        Ok(None) => open = false,
+                        Err(status) => {
+                            // Say why (e.g. a message over the size limit)
+                            // rather than just ending the stream.
+                            let _ = tx.send(Err(status)).await;
+                            open = false;
+                        }
                     },
                     Some(reply) = inflight.next(), if !inflight.is_empty() => {
                         if tx.send(Ok(reply)).await.is_err() {
@@ -520,7 +526,13 @@ impl RaftClientProtocolService for Services {
                             let p = this.admit(r).await;
                             inflight.push(p);
                         }
-                        _ => open = false,
+                        Ok(None) => open = false,
+                        Err(status) => {
+                            // Say why (e.g. a message over the size limit)
+                            // rather than just ending the stream.
+                            let _ = tx.send(Err(status)).await;
+                            open = false;
+                        }
                     },
                     Some(reply) = inflight.next(), if !inflight.is_empty() => {
                         if tx.send(Ok(reply)).await.is_err() {

@@ -1189,6 +1189,14 @@ impl Group {
     /// applied, watches, automatic snapshots, learned addresses.
     fn after_batch(&mut self) {
         let applied = self.applier.applied_index();
+        if self.ready_reads.len() > 1024 {
+            // Stale reads waiting for an index that may never come, whose
+            // clients gave up.
+            self.ready_reads.retain(|_, rs| {
+                rs.retain(|(_, r)| !r.is_closed());
+                !rs.is_empty()
+            });
+        }
         while self
             .ready_reads
             .first_key_value()

@@ -515,3 +515,184 @@ async fn local_up_runs_survives_a_dead_member_and_restarts_with_its_data() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v2");
     assert!(again.interrupt());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_stall_makes_the_leader_step_down() {
+    let c = Cluster::start(1, &["--stall-threshold-ms=300"]).await;
+    c.create_group("default", "kv", &[0]).await;
+    c.leader("default", &[0]).await;
+    let before = c.http_get(0, "/status").1;
+    let changes = |s: &str| {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["groups"][0]["leader_changes"].as_u64().unwrap()
+    };
+    let n0 = changes(&before);
+    let pid = nix::unistd::Pid::from_raw(pids_with(&c.members[0].addr)[0]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    poll("the stall to be noticed", || async {
+        let log = std::fs::read_to_string(c.log_path(0)).unwrap_or_default();
+        log.contains("runtime stalled").then_some(())
+    })
+    .await;
+    // It stepped down (a leader change) and, alone, was elected again.
+    poll("a step-down and re-election", || async {
+        (changes(&c.http_get(0, "/status").1) >= n0 + 2).then_some(())
+    })
+    .await;
+    c.leader("default", &[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    use kuberaft_proto::v1::raft_client_protocol_service_client::RaftClientProtocolServiceClient;
+    use kuberaft_proto::v1::raft_server_protocol_service_client::RaftServerProtocolServiceClient;
+    let c = Cluster::start(1, &[]).await;
+    c.create_group("default", "kv", &[0]).await;
+    c.leader("default", &[0]).await;
+    let addr = c.members[0].addr.clone();
+    let ch = kuberaft_node::rpc::peer::channel(&addr).unwrap();
+    let mut peer = RaftServerProtocolServiceClient::new(ch.clone());
+
+    // Unknown group.
+    let e = peer
+        .request_vote(pb::RequestVoteRequest {
+            group_id: gid("nope"),
+            voter_id: c.members[0].id,
+            term: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("does not exist"), "{}", e.message());
+    // Addressed to another member.
+    let e = peer
+        .request_vote(pb::RequestVoteRequest {
+            group_id: gid("default"),
+            voter_id: 12345,
+            term: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("stale"), "{}", e.message());
+    // A snapshot stream that lies about its files.
+    let bad = pb::InstallSnapshotRequest {
+        group_id: gid("default"),
+        follower_id: c.members[0].id,
+        leader_term: 1,
+        last_included: Some(pb::TermIndex { term: 1, index: 5 }),
+        files: vec![pb::SnapshotFile {
+            name: "kv".into(),
+            size: 3,
+            crc32c: 0,
+        }],
+        done: false,
+        ..Default::default()
+    };
+    let chunk = pb::InstallSnapshotRequest {
+        chunk: Some(pb::SnapshotChunk {
+            file_name: "kv".into(),
+            offset: 0,
+            data: Bytes::from_static(b"abc"),
+            done: true,
+        }),
+        done: true,
+        ..Default::default()
+    };
+    let e = peer
+        .install_snapshot(tokio_stream::iter(vec![bad, chunk]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{}", e.message());
+
+    // Admin: invalid configurations are refused with the reason.
+    let mut a = admin(&addr).await;
+    let dup = pb::Peer {
+        id: 7,
+        address: "127.0.0.1:1".into(),
+        ..Default::default()
+    };
+    let r = a
+        .set_configuration(pb::SetConfigurationRequest {
+            group_id: gid("default"),
+            mode: pb::SetConfigurationMode::SetUnconditionally as i32,
+            peers: vec![dup.clone(), dup],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.success);
+    assert!(r.error.contains("more than once"), "{}", r.error);
+    let r = a
+        .set_configuration(pb::SetConfigurationRequest {
+            group_id: gid("default"),
+            mode: pb::SetConfigurationMode::SetUnconditionally as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.error.contains("at least one voter"), "{}", r.error);
+    let e = a
+        .set_configuration(pb::SetConfigurationRequest {
+            group_id: gid("default"),
+            peers: vec![pb::Peer {
+                id: 0,
+                address: "x:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let r = a
+        .group_management(pb::GroupManagementRequest {
+            op: Some(pb::group_management_request::Op::Add(pb::GroupAdd {
+                group_id: gid(&"x".repeat(65)),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.error.contains("64 bytes"), "{}", r.error);
+
+    // Client: oversized and kindless requests.
+    let mut client = RaftClientProtocolServiceClient::new(ch);
+    let huge = pb::ClientRequest {
+        group_id: gid("default"),
+        kind: Some(pb::client_request::Kind::Write(pb::WriteRequest {
+            payload: Bytes::from(vec![0u8; 17 << 20]),
+        })),
+        ..Default::default()
+    };
+    let res = client.unordered(tokio_stream::iter(vec![huge])).await;
+    let failed = match res {
+        Err(_) => true,
+        Ok(r) => r.into_inner().message().await.is_err(),
+    };
+    assert!(failed, "a request over the message limit is refused");
+    let none = pb::ClientRequest {
+        group_id: gid("default"),
+        ..Default::default()
+    };
+    let mut replies = client
+        .unordered(tokio_stream::iter(vec![none]))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = replies.message().await.unwrap().unwrap();
+    assert!(!r.success);
+    assert!(format!("{:?}", r.exception).contains("no kind"));
+
+    // Nothing of this reached the log: only the new leader's no-op is there.
+    let info = c.info(0, "default").await.unwrap();
+    assert_eq!(info.last_index, 1, "no bad request changed the log");
+    let cl = c.client("default", &[0]);
+    cl.put(b"still", b"works").await.unwrap();
+}
