@@ -475,56 +475,66 @@ impl RaftClientProtocolService for Services {
         &self,
         req: Request<Streaming<pb::ClientRequest>>,
     ) -> Result<Response<Self::OrderedStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(ORDERED_WINDOW);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
-            let mut open = true;
-            while open || !inflight.is_empty() {
-                tokio::select! {
-                    m = inbound.message(), if open && inflight.len() < ORDERED_WINDOW => match m {
-                        Ok(Some(r)) => {
-                            let p = this.admit(r).await;
-                            inflight.push_back(p);
-                        }
-                        Ok(None) => open = false,
-                        Err(status) => {
-                            // Say why (e.g. a message over the size limit)
-                            // rather than just ending the stream.
-                            let _ = tx.send(Err(status)).await;
-                            open = false;
-                        }
-                    },
-                    Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                        if tx.send(Ok(reply)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let queue: FuturesOrdered<Pending> = FuturesOrdered::new();
+        Ok(self.pump(req.into_inner(), queue))
     }
 
     type UnorderedStream = BoxStream<pb::ClientReply>;
 
+    /// Requests are independent; answers leave as they complete.
     async fn unordered(
         &self,
         req: Request<Streaming<pb::ClientRequest>>,
     ) -> Result<Response<Self::UnorderedStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(1024);
+        let queue: FuturesUnordered<Pending> = FuturesUnordered::new();
+        Ok(self.pump(req.into_inner(), queue))
+    }
+}
+
+/// The in-flight requests of one client stream: answered in order
+/// (`FuturesOrdered`) or as they complete (`FuturesUnordered`).
+trait InFlight: Stream<Item = pb::ClientReply> + Unpin + Send + 'static {
+    fn add(&mut self, p: Pending);
+    fn in_flight(&self) -> usize;
+}
+
+impl InFlight for FuturesOrdered<Pending> {
+    fn add(&mut self, p: Pending) {
+        self.push_back(p)
+    }
+    fn in_flight(&self) -> usize {
+        self.len()
+    }
+}
+
+impl InFlight for FuturesUnordered<Pending> {
+    fn add(&mut self, p: Pending) {
+        self.push(p)
+    }
+    fn in_flight(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Services {
+    /// Admits a client stream's requests in arrival order, at most
+    /// `ORDERED_WINDOW` in flight (reading stops meanwhile: back-pressure),
+    /// and sends the answers as `inflight` yields them.
+    fn pump(
+        &self,
+        mut inbound: Streaming<pb::ClientRequest>,
+        mut inflight: impl InFlight,
+    ) -> Response<BoxStream<pb::ClientReply>> {
+        let (tx, rx) = mpsc::channel(ORDERED_WINDOW);
         let this = self.clone();
         tokio::spawn(async move {
-            let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
             let mut open = true;
-            while open || !inflight.is_empty() {
+            while open || inflight.in_flight() > 0 {
                 tokio::select! {
-                    m = inbound.message(), if open => match m {
+                    m = inbound.message(), if open && inflight.in_flight() < ORDERED_WINDOW => match m {
                         Ok(Some(r)) => {
                             let p = this.admit(r).await;
-                            inflight.push(p);
+                            inflight.add(p);
                         }
                         Ok(None) => open = false,
                         Err(status) => {
@@ -534,7 +544,7 @@ impl RaftClientProtocolService for Services {
                             open = false;
                         }
                     },
-                    Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                    Some(reply) = inflight.next(), if inflight.in_flight() > 0 => {
                         if tx.send(Ok(reply)).await.is_err() {
                             return;
                         }
@@ -542,7 +552,7 @@ impl RaftClientProtocolService for Services {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Response::new(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
