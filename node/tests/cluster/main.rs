@@ -696,3 +696,131 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     let cl = c.client("default", &[0]);
     cl.put(b"still", b"works").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_stream_applies_pipelined_writes_in_order_and_admin_commands_work() {
+    use kuberaft_proto::v1::raft_client_protocol_service_client::RaftClientProtocolServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("node.conf");
+    // The config file sets the snapshot threshold.
+    std::fs::write(&conf, "# test\nsnapshot-threshold = 50\n").unwrap();
+    let c = Cluster::start(3, &["--config", conf.to_str().unwrap()]).await;
+    c.create_group("ctr", "counter", &c.all()).await;
+    let leader = c.leader("ctr", &c.all()).await;
+
+    // 200 pipelined counter additions on one ordered stream: each reply
+    // carries the running total, so order is visible.
+    let ch = kuberaft_node::rpc::peer::channel(&c.members[leader].addr).unwrap();
+    let mut client = RaftClientProtocolServiceClient::new(ch);
+    let reqs: Vec<pb::ClientRequest> = (1..=200u64)
+        .map(|i| pb::ClientRequest {
+            group_id: gid("ctr"),
+            client_id: Bytes::from_static(b"ordered-client"),
+            call_id: i,
+            sequence_number: i,
+            kind: Some(pb::client_request::Kind::Write(pb::WriteRequest {
+                payload: add(i as i64),
+            })),
+            ..Default::default()
+        })
+        .collect();
+    let mut replies = client
+        .ordered(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut total = 0i64;
+    let mut last_index = 0;
+    for i in 1..=200u64 {
+        let r = replies
+            .message()
+            .await
+            .unwrap()
+            .expect("a reply per request");
+        assert!(r.success, "{:?}", r.exception);
+        assert_eq!(r.sequence_number, i, "replies in request order");
+        total += i as i64;
+        let v = pb::CounterResult::decode(r.payload).unwrap().value;
+        assert_eq!(v, total, "request {i} applied after every earlier one");
+        assert!(r.log_index > last_index);
+        last_index = r.log_index;
+    }
+
+    // The config file's threshold is in force: automatic snapshots.
+    let follower = (leader + 2) % 3;
+    c.caught_up(follower, "ctr", leader).await;
+    assert!(c.info(follower, "ctr").await.unwrap().snapshot_index >= 150);
+
+    // Admin commands through the CLI.
+    let all = c.all();
+    let (ok, out, err) = c.cli(
+        &all,
+        &[
+            "--group",
+            "ctr",
+            "snapshot",
+            "create",
+            "--member",
+            &c.members[leader].id.to_string(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("snapshot at index"), "{out}");
+    assert!(c.info(leader, "ctr").await.unwrap().snapshot_index >= 200);
+    let other = (leader + 1) % 3;
+    let assignment = format!("{}=5", c.members[other].id);
+    let (ok, _, err) = c.cli(
+        &all,
+        &["--group", "ctr", "peer", "set-priority", &assignment],
+    );
+    assert!(ok, "{err}");
+    // A caught-up voter of higher priority is handed leadership.
+    assert_eq!(c.leader("ctr", &all).await, other);
+    let info = c.info(other, "ctr").await.unwrap();
+    let p = info
+        .configuration
+        .unwrap()
+        .peers
+        .into_iter()
+        .find(|p| p.id == c.members[other].id)
+        .unwrap();
+    assert_eq!(p.priority, 5);
+    let (ok, out, _) = c.cli(&all, &["--group", "ctr", "group", "list"]);
+    assert!(
+        ok && out.lines().count() == 3 && out.contains("ctr"),
+        "{out}"
+    );
+
+    let (ok, out, err) = c.cli(
+        &all,
+        &[
+            "--group",
+            "ctr",
+            "bench",
+            "--clients",
+            "4",
+            "--duration",
+            "1s",
+            "--json",
+            "--keys",
+            "10",
+        ],
+    );
+    // The bench writes kv commands: the counter group refuses them, which
+    // bench reports as a failure with the reason.
+    assert!(
+        !ok && err.contains("the cluster does not take writes"),
+        "{out} {err}"
+    );
+    c.create_group("default", "kv", &all).await;
+    c.leader("default", &all).await;
+    let (ok, out, err) = c.cli(
+        &all,
+        &["bench", "--clients", "4", "--duration", "1s", "--json"],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["errors"], 0);
+    assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
+}
