@@ -344,7 +344,11 @@ impl Services {
     ) -> pb::ClientReply {
         let commit_infos = g
             .map(|g| {
-                g.view()
+                // Only the progress: cloning the whole view per reply would
+                // put a copy of the membership on every request's path.
+                g.view
+                    .lock()
+                    .expect("view lock")
                     .progress
                     .iter()
                     .map(|(id, _, commit)| pb::CommitInfo {

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use kuberaft_proto::v1 as pb;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -368,6 +369,8 @@ struct Group {
     worker: Option<LogWorker>,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
+    /// This group's series of `metrics.append`, looked up once.
+    append_latency: Histogram,
     view: Arc<Mutex<GroupView>>,
     limits: PendingLimits,
     sm_name: String,
@@ -485,6 +488,7 @@ pub fn spawn_group(
         ..Default::default()
     }));
     transport.learn(core.membership());
+    let append_latency = metrics.append.get_or_create(&label).clone();
     let mut g = Group {
         id: id.clone(),
         label,
@@ -495,6 +499,7 @@ pub fn spawn_group(
         last_snapshot: snapshot.index,
         worker: Some(worker),
         transport,
+        append_latency,
         metrics,
         view: view.clone(),
         limits: limits.clone(),
@@ -907,12 +912,11 @@ impl Group {
             Completion::Durable { ready, .. } => {
                 self.core.on_persisted(ready);
                 self.last_durable = self.last_durable.max(ready);
-                let append = self.metrics.append.get_or_create(&self.label).clone();
                 while let Some((n, at)) = self.submitted_at.front().copied() {
                     if n > ready {
                         break;
                     }
-                    append.observe(at.elapsed().as_secs_f64());
+                    self.append_latency.observe(at.elapsed().as_secs_f64());
                     self.submitted_at.pop_front();
                 }
                 while self.held.front().is_some_and(|(n, _)| *n <= ready) {
