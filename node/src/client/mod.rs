@@ -53,8 +53,16 @@ impl Default for ClientOptions {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
-    #[error("no answer within {after:?} (last problem: {last}); a write may still take effect")]
-    Timeout { after: Duration, last: String },
+    #[error(
+        "no answer within {after:?} (last problem: {last}){}",
+        if *write { "; the write may still take effect: retry it with the same call id" } else { "" }
+    )]
+    Timeout {
+        after: Duration,
+        last: String,
+        /// Whether the call was a write, whose outcome is then unknown.
+        write: bool,
+    },
     #[error("state machine refused the request: {message}")]
     StateMachine {
         message: String,
@@ -232,12 +240,14 @@ impl Client {
         let mut backoff = o.backoff_min;
         let mut last = String::from("no attempt made");
         let mut target = self.inner.leader.load(Ordering::Relaxed);
+        let mut attempts = 0u32;
         loop {
             let left = o.timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
                 return Err(ClientError::Timeout {
                     after: o.timeout,
                     last,
+                    write: matches!(kind, pb::client_request::Kind::Write(_)),
                 });
             }
             let req = pb::ClientRequest {
@@ -246,7 +256,10 @@ impl Client {
                 }),
                 client_id: self.inner.client_id.clone(),
                 call_id,
-                timeout_ms: o.attempt_timeout.min(left).as_millis() as u64,
+                // The server gives up a little before the client does, so a
+                // watch or read that cannot finish says why instead of
+                // going silent.
+                timeout_ms: o.attempt_timeout.min(left.mul_f64(0.9)).as_millis() as u64,
                 kind: Some(kind.clone()),
                 ..Default::default()
             };
@@ -261,7 +274,12 @@ impl Client {
                 }
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Retry { why, next } => {
-                    last = why;
+                    // An attempt cut short by the call's own deadline says
+                    // nothing new; the reason before it is the useful one.
+                    if attempts == 0 || started.elapsed() < o.timeout {
+                        last = why;
+                    }
+                    attempts += 1;
                     let n = self.inner.conns.lock().expect("lock").len();
                     let hinted = next.is_some();
                     target = next.unwrap_or((target + 1) % n);

@@ -824,3 +824,122 @@ async fn ordered_stream_applies_pipelined_writes_in_order_and_admin_commands_wor
     assert_eq!(v["errors"], 0);
     assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_priorities_step_down_and_watch_levels() {
+    use prost::Message;
+    let mut c = Cluster::start(3, &[]).await;
+    let voters = [0, 1, 2];
+    c.create_group("default", "kv", &voters).await;
+    let first = c.leader("default", &voters).await;
+
+    // `election step-down` hands leadership to another voter.
+    let (ok, out, err) = c.cli(&voters, &["election", "step-down"]);
+    assert!(ok, "step-down: {err}");
+    assert!(out.contains("stepped down"), "{out}");
+    let second = c.leader("default", &voters).await;
+    assert_ne!(
+        second, first,
+        "a stepped-down leader does not lead again at once"
+    );
+
+    // `peer add --listener`: the member gets the log but is no voter.
+    let listener = c.add_member().await;
+    let addr = c.members[listener].addr.clone();
+    let (ok, out, err) = c.cli(&voters, &["peer", "add", "--address", &addr, "--listener"]);
+    assert!(ok, "peer add --listener: {err}");
+    assert!(out.contains("added"), "{out}");
+    let cl = c.client("default", &voters);
+    let index = cl.put(b"seen-by-listener", b"yes").await.unwrap();
+    c.caught_up(listener, "default", second).await;
+    let info = c.info(listener, "default").await.unwrap();
+    assert_eq!(info.role(), pb::RaftRole::Listener);
+    let conf = c
+        .info(second, "default")
+        .await
+        .unwrap()
+        .configuration
+        .unwrap();
+    let lid = c.members[listener].id;
+    let as_listener = conf
+        .peers
+        .iter()
+        .find(|p| p.id == lid)
+        .expect("listener in conf");
+    assert_eq!(as_listener.role(), pb::PeerRole::Listener);
+    assert_eq!(
+        conf.peers
+            .iter()
+            .filter(|p| p.role() == pb::PeerRole::Voter)
+            .count(),
+        3
+    );
+    let query = pb::KvQuery {
+        op: Some(pb::kv_query::Op::Get(pb::KvGet {
+            key: Bytes::from_static(b"seen-by-listener"),
+        })),
+    }
+    .encode_to_vec();
+    let local = c.client("default", &[listener]);
+    let r = local.stale_read(Bytes::from(query), index).await.unwrap();
+    let v = pb::KvResult::decode(r.payload).unwrap().value;
+    assert_eq!(
+        v,
+        Some(Bytes::from("yes")),
+        "the listener applied the write"
+    );
+
+    // Watch levels: with every member up, ALL is reached; with the
+    // listener down, MAJORITY is reached but ALL and ALL_COMMITTED are not.
+    let idx = index.to_string();
+    for level in ["majority", "all", "majority-committed", "all-committed"] {
+        let (ok, out, err) = c.cli(&voters, &["watch", &idx, "--level", level]);
+        assert!(ok, "watch {level}: {err}");
+        assert!(out.contains("reached"), "{out}");
+    }
+    c.kill(listener);
+    let index = cl.put(b"after-listener", b"1").await.unwrap().to_string();
+    for level in ["majority", "majority-committed"] {
+        let (ok, _, err) = c.cli(&voters, &["watch", &index, "--level", level]);
+        assert!(ok, "watch {level} with one listener down: {err}");
+    }
+    for level in ["all", "all-committed"] {
+        let (ok, out, err) = c.cli(
+            &voters,
+            &["--timeout", "2s", "watch", &index, "--level", level],
+        );
+        assert!(
+            !ok,
+            "watch {level} cannot be reached with a member down: {out}"
+        );
+        assert!(err.contains("not replicated"), "{err}");
+    }
+
+    // `peer add --priority`: a caught-up voter with a higher priority than
+    // everyone else is handed leadership.
+    let favourite = c.add_member().await;
+    let addr = c.members[favourite].addr.clone();
+    let (ok, _, err) = c.cli(
+        &voters,
+        &["peer", "add", "--address", &addr, "--priority", "7"],
+    );
+    assert!(ok, "peer add --priority: {err}");
+    let now_voters = [0, 1, 2, favourite];
+    assert_eq!(c.leader("default", &now_voters).await, favourite);
+    let conf = c
+        .info(favourite, "default")
+        .await
+        .unwrap()
+        .configuration
+        .unwrap();
+    let p = conf
+        .peers
+        .iter()
+        .find(|p| p.id == c.members[favourite].id)
+        .unwrap();
+    assert_eq!((p.priority, p.role()), (7, pb::PeerRole::Voter));
+    assert_eq!(
+        cl.get(b"after-listener").await.unwrap(),
+        Some(Bytes::from("1"))
+    );
+}
