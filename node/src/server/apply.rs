@@ -13,7 +13,10 @@ use prost::Message;
 
 use super::retry_cache::{CachedReply, CallKey, Lookup, RetryCache};
 use crate::core::{Entry, EntryPayload, Index, Term};
-use crate::statemachine::StateMachine;
+use crate::statemachine::{SnapshotFiles, StateMachine, StateMachineError};
+
+/// The retry cache's file in every snapshot, next to the state machine's.
+pub const RETRY_CACHE_FILE: &str = "kuberaft.retry-cache";
 
 /// What one committed command produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,15 +75,36 @@ impl Applier {
         self.applied
     }
 
+    /// The state machine's snapshot files plus the retry cache's.
+    pub fn snapshot(&self) -> SnapshotFiles {
+        let mut files = self.sm.snapshot();
+        files.push((RETRY_CACHE_FILE.to_string(), self.cache.encode()));
+        files
+    }
+
     /// Replaces the state with a snapshot taken at `index` (installed from
-    /// the leader, or loaded at start). The retry cache keeps what it knows:
-    /// calls the snapshot covers are answered until they expire.
+    /// the leader, or loaded at start), retry cache included.
     pub fn restore(
         &mut self,
         index: Index,
         files: &[(String, Vec<u8>)],
     ) -> Result<(), crate::statemachine::StateMachineError> {
-        self.sm.restore(index, files)?;
+        let (cache, sm_files): (Vec<_>, Vec<_>) = files
+            .iter()
+            .cloned()
+            .partition(|(name, _)| name == RETRY_CACHE_FILE);
+        self.sm.restore(index, &sm_files)?;
+        match cache.first() {
+            Some((_, bytes)) => self
+                .cache
+                .restore(bytes)
+                .map_err(StateMachineError::BadSnapshot)?,
+            // Written by a version that did not save the cache.
+            None => tracing::warn!(
+                index,
+                "snapshot has no retry cache: calls it covers are not recognised if retried"
+            ),
+        }
         self.applied = index;
         Ok(())
     }
@@ -216,6 +240,41 @@ mod tests {
         assert!(matches!(
             y.retry_cache().lookup(&key, 1_600),
             Lookup::Done(_)
+        ));
+    }
+
+    #[test]
+    fn a_member_restored_from_a_snapshot_skips_the_same_duplicates() {
+        // Member x applies the whole log; member y gets a snapshot taken by x
+        // at index 2 and applies the rest. The entry at 3 is a retry of the
+        // call at 1, which the snapshot covers: both must skip it.
+        let head = [
+            logged(1, b"c1", 1, 1_000, add(5)),
+            logged(2, b"c2", 1, 1_100, add(1)),
+        ];
+        let tail = [logged(3, b"c1", 1, 1_500, add(5))];
+        let mut x = Applier::new(builtin("counter").unwrap(), 60_000);
+        x.apply(&head);
+        let files = x.snapshot();
+        assert!(files.iter().any(|(n, _)| n == RETRY_CACHE_FILE));
+        let out_x = x.apply(&tail);
+        let mut y = Applier::new(builtin("counter").unwrap(), 60_000);
+        y.restore(2, &files).unwrap();
+        let out_y = y.apply(&tail);
+        assert_eq!(out_x, out_y);
+        assert!(out_y[0].duplicate);
+        assert_eq!((counter(&x), counter(&y)), (6, 6));
+        // A damaged cache file is a bad snapshot, not a silent empty cache.
+        let mut bad = files.clone();
+        for (n, b) in &mut bad {
+            if n == RETRY_CACHE_FILE {
+                *b = vec![0xff; 3];
+            }
+        }
+        let mut z = Applier::new(builtin("counter").unwrap(), 60_000);
+        assert!(matches!(
+            z.restore(2, &bad),
+            Err(StateMachineError::BadSnapshot(_))
         ));
     }
 

@@ -1166,7 +1166,7 @@ impl Group {
             .core
             .snapshot_meta(index)
             .ok_or_else(|| format!("index {index} is not in the log"))?;
-        let files = self.applier.state_machine().snapshot();
+        let files = self.applier.snapshot();
         blocking(|| -> Result<(), crate::storage::StorageError> {
             let mut w = self.snapshots.begin(meta)?;
             for (name, data) in &files {

@@ -13,6 +13,12 @@
 //! exactly-once holds within that window, which clients must keep their
 //! retries inside.
 //!
+//! The done entries travel in every snapshot (see [`RetryCache::encode`]):
+//! a member that starts from a snapshot, or installs one from the leader,
+//! must know the calls the snapshot covers. Otherwise it would apply a
+//! duplicate logged after the snapshot that the other members skip (their
+//! states would part), and as a leader it would log a retried call again.
+//!
 //! Time is *log time*: the leader's clock stamped into each logged call
 //! (`LoggedCommand.logged_at_ms`). Whether a logged call is a duplicate must
 //! be decided identically on every member, so it may depend on the log only,
@@ -21,8 +27,33 @@
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
+use prost::Message;
 
 use crate::core::Index;
+
+/// The done entries as they are stored in a snapshot.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CacheSnapshot {
+    #[prost(message, repeated, tag = "1")]
+    entries: Vec<CacheSnapshotEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct CacheSnapshotEntry {
+    #[prost(bytes = "bytes", tag = "1")]
+    client: Bytes,
+    #[prost(uint64, tag = "2")]
+    call: u64,
+    #[prost(uint64, tag = "3")]
+    index: u64,
+    #[prost(uint64, tag = "4")]
+    expires_ms: u64,
+    /// The state machine's result; absent when it refused the call.
+    #[prost(bytes = "bytes", optional, tag = "5")]
+    ok: Option<Bytes>,
+    #[prost(string, optional, tag = "6")]
+    error: Option<String>,
+}
 
 /// Identifies one call of one client.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -137,6 +168,69 @@ impl RetryCache {
         }
     }
 
+    /// The done entries, for a snapshot. Pending entries are left out: they
+    /// belong to log entries after the snapshot, which the log replays.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut entries: Vec<CacheSnapshotEntry> = self
+            .entries
+            .iter()
+            .filter_map(|(key, state)| match state {
+                State::Done { reply, expires } => Some(CacheSnapshotEntry {
+                    client: key.client.clone(),
+                    call: key.call,
+                    index: reply.index,
+                    expires_ms: *expires,
+                    ok: reply.result.as_ref().ok().cloned(),
+                    error: reply.result.as_ref().err().cloned(),
+                }),
+                State::Pending { .. } => None,
+            })
+            .collect();
+        // A stable order: the same cache gives the same bytes.
+        entries.sort_by(|a, b| (a.index, &a.client, a.call).cmp(&(b.index, &b.client, b.call)));
+        CacheSnapshot { entries }.encode_to_vec()
+    }
+
+    /// Replaces the done entries with a snapshot's (from [`Self::encode`]);
+    /// pending entries stay.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let snap = CacheSnapshot::decode(bytes).map_err(|e| format!("retry cache: {e}"))?;
+        self.entries
+            .retain(|_, s| matches!(s, State::Pending { .. }));
+        let mut expiry = Vec::with_capacity(snap.entries.len());
+        for e in snap.entries {
+            let result = match (e.ok, e.error) {
+                (Some(ok), None) => Ok(ok),
+                (None, Some(err)) => Err(err),
+                _ => {
+                    return Err(format!(
+                        "retry cache: call {} needs exactly one of a result and an error",
+                        e.call
+                    ));
+                }
+            };
+            let key = CallKey {
+                client: e.client,
+                call: e.call,
+            };
+            expiry.push((e.expires_ms, key.clone()));
+            let reply = CachedReply {
+                index: e.index,
+                result,
+            };
+            self.entries.insert(
+                key,
+                State::Done {
+                    reply,
+                    expires: e.expires_ms,
+                },
+            );
+        }
+        expiry.sort_by_key(|(at, _)| *at);
+        self.expiry = expiry.into();
+        Ok(())
+    }
+
     /// Lookups answered from the cache (for metrics).
     pub fn hits(&self) -> u64 {
         self.hits
@@ -200,6 +294,53 @@ mod tests {
         assert!(matches!(c.lookup(&key(1), t0 + 9_999), Lookup::Done(_)));
         assert_eq!(c.lookup(&key(1), t0 + 10_000), Lookup::New);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_carries_done_entries_with_their_expiry() {
+        let t0 = 1_000;
+        let mut c = RetryCache::new(10_000);
+        c.applied(key(1), reply(1), t0);
+        c.applied(
+            key(2),
+            CachedReply {
+                index: 2,
+                result: Err("refused".into()),
+            },
+            t0 + 5_000,
+        );
+        c.appended(key(3), 3);
+        let bytes = c.encode();
+        let mut d = RetryCache::new(10_000);
+        d.appended(key(4), 4);
+        d.applied(key(9), reply(9), t0);
+        d.restore(&bytes).unwrap();
+        assert_eq!(d.lookup(&key(1), t0), Lookup::Done(reply(1)));
+        assert!(
+            matches!(d.lookup(&key(2), t0), Lookup::Done(CachedReply { result: Err(e), .. }) if e == "refused")
+        );
+        assert_eq!(
+            d.lookup(&key(3), t0),
+            Lookup::New,
+            "pending entries are not in snapshots"
+        );
+        assert_eq!(
+            d.lookup(&key(4), t0),
+            Lookup::Pending { index: 4 },
+            "own pending kept"
+        );
+        assert_eq!(
+            d.lookup(&key(9), t0),
+            Lookup::New,
+            "replaced by the snapshot's"
+        );
+        assert_eq!(
+            d.lookup(&key(1), t0 + 10_000),
+            Lookup::New,
+            "expiry carried over"
+        );
+        assert!(matches!(d.lookup(&key(2), t0 + 10_000), Lookup::Done(_)));
+        assert!(d.restore(b"\xff\xff").is_err());
     }
 
     #[test]
