@@ -20,6 +20,12 @@ pub enum RegisterOp {
         new: u64,
         ok: bool,
     },
+    /// A compare-and-set whose answer never came: it may or may not have
+    /// taken effect (recorded with a response at the end of time).
+    CasUnknown {
+        expected: u64,
+        new: u64,
+    },
 }
 
 /// A register holding an optional u64.
@@ -48,11 +54,20 @@ impl Specification for RegisterSpec {
                 ok: false,
                 ..
             } => (*state != Some(expected), *state),
+            RegisterOp::CasUnknown { expected, new } if *state == Some(expected) => {
+                (true, Some(new))
+            }
+            RegisterOp::CasUnknown { .. } => (true, *state),
         }
     }
 }
 
-/// A completed operation.
+/// Response time of an operation whose outcome is unknown: it may take
+/// effect at any point after its invocation.
+pub const NEVER_RETURNED: u64 = u64::MAX;
+
+/// A completed operation (or one whose outcome is unknown, returned at
+/// [`NEVER_RETURNED`]).
 #[derive(Clone, Debug)]
 pub struct Operation {
     pub client: usize,
@@ -78,10 +93,11 @@ pub fn check_linearizable(ops: &[Operation]) -> Result<(), (u64, Vec<Operation>)
             actions.push((op.returned_at, 0, i, Action::Response(op.op)));
         }
         actions.sort_by_key(|(t, kind, i, _)| (*t, *kind, *i));
+        let lanes = lanes(&key_ops);
         let history = History::from_actions(
             actions
                 .into_iter()
-                .map(|(_, _, i, a)| (key_ops[i].client, a))
+                .map(|(_, _, i, a)| (lanes[i], a))
                 .collect(),
         );
         if !WGLChecker::<RegisterSpec>::is_linearizable(history) {
@@ -89,6 +105,31 @@ pub fn check_linearizable(ops: &[Operation]) -> Result<(), (u64, Vec<Operation>)
         }
     }
     Ok(())
+}
+
+/// Gives every operation a process ("lane") whose operations never
+/// overlap: the checker pairs calls and responses per process in order, so
+/// a client that went on after a call whose answer never came (it returns
+/// at the end of time) must continue as a new process.
+fn lanes(ops: &[&Operation]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..ops.len()).collect();
+    order.sort_by_key(|i| (ops[*i].invoked_at, *i));
+    // When each lane is free again.
+    let mut free_at: Vec<u64> = Vec::new();
+    let mut lane = vec![0; ops.len()];
+    for i in order {
+        let op = ops[i];
+        let l = match free_at.iter().position(|t| *t < op.invoked_at) {
+            Some(l) => l,
+            None => {
+                free_at.push(0);
+                free_at.len() - 1
+            }
+        };
+        free_at[l] = op.returned_at;
+        lane[i] = l;
+    }
+    lane
 }
 
 #[cfg(test)]
@@ -126,6 +167,36 @@ mod tests {
             op(1, 11, 12, RegisterOp::Get(None)),
         ];
         assert!(check_linearizable(&ops).is_err());
+    }
+
+    #[test]
+    fn an_unknown_outcome_may_or_may_not_have_happened_but_only_after_its_call() {
+        let unknown_put = op(0, 5, NEVER_RETURNED, RegisterOp::Put(2));
+        let unknown_cas = op(
+            2,
+            5,
+            NEVER_RETURNED,
+            RegisterOp::CasUnknown {
+                expected: 1,
+                new: 3,
+            },
+        );
+        let put1 = op(1, 0, 1, RegisterOp::Put(1));
+        let seen = |v| op(1, 10, 11, RegisterOp::Get(v));
+        for v in [Some(1), Some(2), Some(3)] {
+            let ops = [
+                put1.clone(),
+                unknown_put.clone(),
+                unknown_cas.clone(),
+                seen(v),
+            ];
+            assert!(check_linearizable(&ops).is_ok(), "{v:?}");
+        }
+        // The unknown put cannot be seen before it was called.
+        let early = op(1, 2, 3, RegisterOp::Get(Some(2)));
+        assert!(check_linearizable(&[put1.clone(), unknown_put, early]).is_err());
+        // Nor can a value no operation wrote.
+        assert!(check_linearizable(&[put1, unknown_cas, seen(Some(9))]).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! optional file (`--config`, lines of `flag-name = value`); a flag given on
 //! the command line wins over the file, and the file over the environment.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -40,6 +40,10 @@ struct Args {
     /// defaults to --listen.
     #[arg(long, env = "KUBERAFT_ADVERTISE")]
     advertise: Option<String>,
+    /// Local IP address that connections to peers leave from (hosts with
+    /// several addresses); by default the system picks one.
+    #[arg(long, env = "KUBERAFT_SOURCE_ADDRESS")]
+    source_address: Option<IpAddr>,
     /// HTTP listen address for /livez, /readyz, /metrics and /status.
     #[arg(long, env = "KUBERAFT_HTTP_LISTEN", default_value = "127.0.0.1:7100")]
     http_listen: SocketAddr,
@@ -176,8 +180,11 @@ async fn run(a: Args) -> anyhow::Result<()> {
             a.http_listen
         )
     })?;
-    let node = Node::open(opts, |id, router| PeerTransport::new(id, router))
-        .context("cannot open the data directory")?;
+    let source = a.source_address;
+    let node = Node::open(opts, |id, router| {
+        PeerTransport::with_source(id, router, source)
+    })
+    .context("cannot open the data directory")?;
     tracing::info!(
         member_id = node.id,
         grpc = %a.listen,

@@ -13,6 +13,7 @@
 //! A broken stream reconnects with a jittered backoff.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,16 +47,28 @@ pub struct PeerTransport {
     router: Router,
     addresses: Mutex<HashMap<NodeId, String>>,
     conns: Mutex<HashMap<NodeId, Arc<PeerConn>>>,
+    /// Local address of connections to peers (`None`: the system picks).
+    source: Option<IpAddr>,
 }
 
 /// A lazily connecting channel to `address` (host:port).
 pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    channel_from(address, None)
+}
+
+/// [`channel`] whose connections leave from the local address `source`
+/// (for hosts with several addresses).
+pub fn channel_from(
+    address: &str,
+    source: Option<IpAddr>,
+) -> Result<Channel, tonic::transport::Error> {
     let uri = if address.contains("://") {
         address.to_string()
     } else {
         format!("http://{address}")
     };
     Ok(Endpoint::from_shared(uri)?
+        .local_address(source)
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -86,11 +99,17 @@ fn step(router: &Router, group: &[u8], from: NodeId, msg: Message) {
 
 impl PeerTransport {
     pub fn new(self_id: NodeId, router: Router) -> Arc<Self> {
+        Self::with_source(self_id, router, None)
+    }
+
+    /// A transport whose peer connections leave from `source`.
+    pub fn with_source(self_id: NodeId, router: Router, source: Option<IpAddr>) -> Arc<Self> {
         Arc::new(PeerTransport {
             self_id,
             router,
             addresses: Mutex::default(),
             conns: Mutex::default(),
+            source,
         })
     }
 
@@ -100,7 +119,7 @@ impl PeerTransport {
         if let Some(c) = conns.get(&to).filter(|c| c.address == address) {
             return Some(c.clone());
         }
-        let ch = match channel(&address) {
+        let ch = match channel_from(&address, self.source) {
             Ok(ch) => ch,
             Err(e) => {
                 tracing::warn!(to, %address, error = %e, "bad peer address");
