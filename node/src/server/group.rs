@@ -352,6 +352,7 @@ const KIND_VOTE: u8 = 1;
 const KIND_READ: u8 = 2;
 const KIND_INSTALL: u8 = 3;
 const MAX_BATCH: usize = 1024;
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 
 /// A snapshot received from the leader and stored, waiting for the core to
 /// install it: its files and whether the log continues it.
@@ -391,6 +392,8 @@ struct Group {
     once: HashMap<(NodeId, u8, u64), oneshot::Sender<Message>>,
     incoming: Option<Incoming>,
     sending_snapshot: HashSet<NodeId>,
+    /// After a failed automatic snapshot, when to try again.
+    snapshot_retry_at: Option<Instant>,
     learned: Membership,
     storage_error: Option<String>,
     failed: bool,
@@ -520,6 +523,7 @@ pub fn spawn_group(
         once: HashMap::new(),
         incoming: None,
         sending_snapshot: HashSet::new(),
+        snapshot_retry_at: None,
         learned: Membership::default(),
         storage_error: None,
         failed: false,
@@ -773,6 +777,10 @@ impl Group {
                 let key = match &msg {
                     Message::RequestVote(v) => (from, KIND_VOTE, v.pre_vote as u64),
                     Message::ReadIndex(r) => (from, KIND_READ, r.ctx),
+                    // The key the core's InstallSnapshotReply is routed by;
+                    // any other key would leave the leader's transfer
+                    // waiting for an answer that never comes.
+                    Message::InstallSnapshot(_) => (from, KIND_INSTALL, 0),
                     _ => (from, 0, 0),
                 };
                 if self.once.len() > 4096 {
@@ -1232,9 +1240,17 @@ impl Group {
             }
         }
         if self.applier.applied_index() >= self.last_snapshot + self.opts.snapshot_threshold
-            && let Err(e) = self.take_snapshot()
+            && self.snapshot_retry_at.is_none_or(|t| Instant::now() >= t)
         {
-            tracing::warn!(group = %self.label.group, error = %e, "automatic snapshot failed");
+            match self.take_snapshot() {
+                Ok(_) => self.snapshot_retry_at = None,
+                Err(e) => {
+                    // Not again after every batch: a full disk stays full
+                    // for a while.
+                    self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+                    tracing::warn!(group = %self.label.group, error = %e, "automatic snapshot failed; retrying in a second");
+                }
+            }
         }
         if self.core.membership() != &self.learned {
             self.learned = self.core.membership().clone();

@@ -29,6 +29,10 @@ struct Args {
     /// Print every fault as it is injected.
     #[arg(long)]
     verbose: bool,
+    /// Keep the members' data and logs (they are kept anyway when an
+    /// anomaly is found).
+    #[arg(long)]
+    keep: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
     opts.register_clients = args.clients;
     opts.counter_clients = args.counter_clients;
     opts.verbose = args.verbose;
+    opts.keep = args.keep;
     if !args.faults.is_empty() {
         opts.faults = args.faults;
     }

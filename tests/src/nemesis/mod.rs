@@ -50,6 +50,8 @@ const REG: &str = "reg";
 const CTR: &str = "ctr";
 const VOTERS: usize = 3;
 const SPARE: usize = 3;
+/// How long members may take to catch up once every fault is healed.
+const CONVERGE: Duration = Duration::from_secs(20);
 /// Member whose data lives on a tmpfs that `full-disk` fills.
 const DISK_MEMBER: usize = 2;
 
@@ -75,6 +77,8 @@ pub struct NemesisOptions {
     pub faults: Vec<String>,
     /// Print every fault as it is injected.
     pub verbose: bool,
+    /// Keep the members' data and logs even when nothing was found.
+    pub keep: bool,
 }
 
 impl NemesisOptions {
@@ -86,6 +90,7 @@ impl NemesisOptions {
             counter_clients: 3,
             faults: FAULTS.iter().map(|s| s.to_string()).collect(),
             verbose: false,
+            keep: false,
         }
     }
 }
@@ -175,9 +180,10 @@ pub async fn run(opts: NemesisOptions) -> anyhow::Result<Report> {
         .prefix("kuberaft-nemesis-")
         .tempdir()?
         .keep();
+    let keep = opts.keep;
     let result = run_in(&root, opts).await;
     match result {
-        Ok(mut report) if report.anomalies.is_empty() => {
+        Ok(mut report) if report.anomalies.is_empty() && !keep => {
             let _ = std::fs::remove_dir_all(&root);
             report.kept = None;
             Ok(report)
@@ -261,7 +267,9 @@ async fn run_in(root: &std::path::Path, opts: NemesisOptions) -> anyhow::Result<
     for t in tasks {
         t.await?;
     }
+    run.note("clients stopped".into());
     run.check(&rec, &addrs, client_opts).await?;
+    run.note("checked".into());
     run.report.elapsed = run.started.elapsed();
     // Stop the members (and unmount) before the caller removes the data.
     drop(run.procs);
@@ -640,6 +648,7 @@ impl Run {
         self.report.counter_unknown = rec.counter_unknown.load(Ordering::Relaxed);
         anomalies.extend(check_counter(rec, final_value));
 
+        self.note("history and counter checked".into());
         // Every member of `reg` reaches the same state.
         anomalies.extend(self.compare_replicas().await?);
 
@@ -658,12 +667,17 @@ impl Run {
     }
 
     /// Waits until every member of `reg` applied the leader's commit index,
-    /// then compares their states key by key.
+    /// then compares their states key by key. A member still behind
+    /// [`CONVERGE`] after healing is an anomaly too: a cluster that has
+    /// healed must catch everyone up.
     async fn compare_replicas(&self) -> anyhow::Result<Vec<String>> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + CONVERGE;
+        let mut last_seen = String::from("no leader");
         let (members, commit) = loop {
             if Instant::now() > deadline {
-                bail!("the members of {REG} did not converge within 60 s after healing");
+                return Ok(vec![format!(
+                    "the members of {REG} did not catch up within {CONVERGE:?} after healing: {last_seen}"
+                )]);
             }
             if let Some((_, info)) = self.leader(REG).await {
                 let ids: Vec<u64> = info
@@ -679,10 +693,16 @@ impl Run {
                     .filter(|i| ids.contains(&self.procs.members[*i].id))
                     .collect();
                 let mut all = true;
+                let mut lag = Vec::new();
                 for i in &members {
                     let applied = self.info(*i, REG).await.map(|r| r.applied_index);
                     all &= applied.is_some_and(|a| a >= info.commit_index);
+                    lag.push((*i, applied));
                 }
+                last_seen = format!(
+                    "commit {}, applied (member, index) {lag:?}",
+                    info.commit_index
+                );
                 if all {
                     break (members, info.commit_index);
                 }

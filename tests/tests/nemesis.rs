@@ -1,0 +1,26 @@
+//! The nemesis in its short mode, as part of `cargo test`: real node
+//! processes, every fault kind, and the histories checked. The long mode is
+//! `cargo run --release -p kuberaft-tests --bin nemesis -- --duration 10m`.
+
+use std::time::Duration;
+
+use kuberaft_tests::nemesis::{NemesisOptions, run};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_nemesis_finds_no_anomaly() {
+    // A fixed seed keeps the fault schedule the same from run to run; the
+    // timing still differs, as it does on any real machine.
+    let opts = NemesisOptions::new(20261124, Duration::from_secs(45));
+    let report = run(opts).await.expect("the nemesis could not run");
+    println!("{report}");
+    assert!(
+        report.anomalies.is_empty(),
+        "anomalies found:\n{report}\n{}",
+        report.timeline.join("\n")
+    );
+    // The run must have exercised something: operations checked and faults
+    // injected.
+    assert!(report.ops_checked > 1000, "{report}");
+    assert!(report.counter_acked > 100, "{report}");
+    assert!(report.faults.values().sum::<u64>() >= 5, "{report}");
+}
