@@ -147,8 +147,32 @@ pub fn append_to_pb(
     }
 }
 
+/// The largest term or log index a peer may send. Far beyond any real
+/// cluster's (2^62 elections at a million a second take 146,000 years), and
+/// low enough that `+ 1` anywhere in the core cannot overflow: a forged or
+/// corrupted number is refused here instead.
+pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
+
+fn bounded(what: &str, v: u64) -> Result<u64, DecodeError> {
+    if v > MAX_TERM_OR_INDEX {
+        return Err(DecodeError::Invalid(format!(
+            "{what} {v} is beyond the largest possible ({MAX_TERM_OR_INDEX})"
+        )));
+    }
+    Ok(v)
+}
+
 pub fn append_from_pb(r: pb::AppendEntriesRequest) -> Result<AppendEntries, DecodeError> {
     let prev = r.previous.unwrap_or_default();
+    bounded("leader term", r.leader_term)?;
+    bounded("previous term", prev.term)?;
+    bounded("previous index", prev.index)?;
+    bounded("leader commit", r.leader_commit)?;
+    if r.entries.len() as u64 > MAX_TERM_OR_INDEX - prev.index {
+        return Err(DecodeError::Invalid(
+            "entries run past the largest index".into(),
+        ));
+    }
     let entries = r
         .entries
         .into_iter()
@@ -157,6 +181,7 @@ pub fn append_from_pb(r: pb::AppendEntriesRequest) -> Result<AppendEntries, Deco
     // A leader's entries are contiguous and follow `previous`; anything else
     // is a malformed request, refused before the core sees it.
     for (i, e) in entries.iter().enumerate() {
+        bounded("entry term", e.term)?;
         if e.index != prev.index + 1 + i as u64 {
             return Err(DecodeError::Invalid(format!(
                 "entry {} does not follow previous index {} contiguously",
@@ -237,16 +262,16 @@ pub fn vote_to_pb(
     }
 }
 
-pub fn vote_from_pb(r: &pb::RequestVoteRequest) -> RequestVote {
+pub fn vote_from_pb(r: &pb::RequestVoteRequest) -> Result<RequestVote, DecodeError> {
     let last = r.last_entry.unwrap_or_default();
-    RequestVote {
-        term: r.term,
-        last_index: last.index,
-        last_term: last.term,
+    Ok(RequestVote {
+        term: bounded("term", r.term)?,
+        last_index: bounded("last index", last.index)?,
+        last_term: bounded("last term", last.term)?,
         pre_vote: r.pre_vote,
         transfer: r.leadership_transfer,
         priority: r.candidate_priority,
-    }
+    })
 }
 
 const REFUSALS: [(VoteRefusal, &str); 5] = [
@@ -301,13 +326,15 @@ pub fn start_election_to_pb(
     }
 }
 
-pub fn start_election_from_pb(r: &pb::StartLeaderElectionRequest) -> StartElection {
+pub fn start_election_from_pb(
+    r: &pb::StartLeaderElectionRequest,
+) -> Result<StartElection, DecodeError> {
     let last = r.leader_last_entry.unwrap_or_default();
-    StartElection {
-        term: r.leader_term,
-        last_index: last.index,
-        last_term: last.term,
-    }
+    Ok(StartElection {
+        term: bounded("leader term", r.leader_term)?,
+        last_index: bounded("last index", last.index)?,
+        last_term: bounded("last term", last.term)?,
+    })
 }
 
 pub fn read_index_to_pb(group: &Bytes, from: NodeId, m: &ReadIndexRequest) -> pb::ReadIndexRequest {
@@ -319,11 +346,11 @@ pub fn read_index_to_pb(group: &Bytes, from: NodeId, m: &ReadIndexRequest) -> pb
     }
 }
 
-pub fn read_index_from_pb(r: &pb::ReadIndexRequest) -> ReadIndexRequest {
-    ReadIndexRequest {
-        term: r.term,
+pub fn read_index_from_pb(r: &pb::ReadIndexRequest) -> Result<ReadIndexRequest, DecodeError> {
+    Ok(ReadIndexRequest {
+        term: bounded("term", r.term)?,
         ctx: r.context,
-    }
+    })
 }
 
 pub fn read_index_reply_to_pb(group: &Bytes, m: &ReadIndexReply) -> pb::ReadIndexReply {

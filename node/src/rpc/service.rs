@@ -43,6 +43,12 @@ pub struct Services {
     pub node: Arc<Node>,
 }
 
+/// A peer request that could not be converted: refused as the caller's
+/// mistake, with the reason.
+fn invalid(e: convert::DecodeError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 fn gid(g: &Option<pb::GroupId>) -> Bytes {
     g.as_ref().map(|g| g.id.clone()).unwrap_or_default()
 }
@@ -106,7 +112,7 @@ impl RaftServerProtocolService for Services {
             .ask_peer(
                 &g,
                 r.candidate_id,
-                Message::RequestVote(convert::vote_from_pb(&r)),
+                Message::RequestVote(convert::vote_from_pb(&r).map_err(invalid)?),
             )
             .await?
         {
@@ -126,7 +132,7 @@ impl RaftServerProtocolService for Services {
         let r = req.into_inner();
         self.check_addressed(r.target_id)?;
         let g = self.group(&r.group_id)?;
-        let msg = Message::StartElection(convert::start_election_from_pb(&r));
+        let msg = Message::StartElection(convert::start_election_from_pb(&r).map_err(invalid)?);
         let accepted =
             g.tx.try_send(GroupMsg::Step {
                 from: r.leader_id,
@@ -198,6 +204,18 @@ impl RaftServerProtocolService for Services {
         let last = head.last_included.ok_or_else(|| {
             Status::invalid_argument("the first snapshot message must carry last_included")
         })?;
+        for (what, v) in [
+            ("leader term", head.leader_term),
+            ("snapshot term", last.term),
+            ("snapshot index", last.index),
+        ] {
+            if v > convert::MAX_TERM_OR_INDEX {
+                return Err(Status::invalid_argument(format!(
+                    "{what} {v} is beyond the largest possible ({})",
+                    convert::MAX_TERM_OR_INDEX
+                )));
+            }
+        }
         let membership = membership_from_pb(&head.configuration.clone().unwrap_or_default())
             .map_err(|e| Status::invalid_argument(format!("snapshot configuration: {e}")))?;
         let total: u64 = head.files.iter().map(|f| f.size).sum();
@@ -276,7 +294,7 @@ impl RaftServerProtocolService for Services {
             .ask_peer(
                 &g,
                 r.follower_id,
-                Message::ReadIndex(convert::read_index_from_pb(&r)),
+                Message::ReadIndex(convert::read_index_from_pb(&r).map_err(invalid)?),
             )
             .await?
         {
