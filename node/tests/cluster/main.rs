@@ -943,3 +943,251 @@ async fn listeners_priorities_step_down_and_watch_levels() {
         Some(Bytes::from("1"))
     );
 }
+
+/// One arbitrary request to any of the node's services.
+#[derive(Clone, Debug)]
+enum AnyRequest {
+    SetConfiguration(pb::SetConfigurationRequest),
+    GroupManagement(pb::GroupManagementRequest),
+    Transfer(pb::TransferLeadershipRequest),
+    Snapshot(pb::SnapshotManagementRequest),
+    Elections(pb::LeaderElectionManagementRequest),
+    Info(pb::GroupInfoRequest),
+    Client(pb::ClientRequest),
+    Vote(pb::RequestVoteRequest),
+    ReadIndex(pb::ReadIndexRequest),
+    Append(pb::AppendEntriesRequest),
+}
+
+fn any_request(
+    real_group: &'static str,
+    member: u64,
+) -> impl proptest::strategy::Strategy<Value = AnyRequest> {
+    use proptest::prelude::*;
+    let bytes = |max| prop::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
+    // Group ids: empty, random, oversized; the real group only where the
+    // request cannot take it apart (see below).
+    let other_group = prop_oneof![
+        Just(None),
+        bytes(300)
+            .prop_filter("not the real group", move |b| b != real_group.as_bytes())
+            .prop_map(|id| Some(pb::GroupId { id })),
+    ];
+    let group = prop_oneof![Just(gid(real_group)), other_group.clone(),];
+    let peer = (any::<u64>(), "[a-z0-9.:]{0,30}", any::<u32>(), 0i32..4).prop_map(
+        |(id, address, priority, role)| pb::Peer {
+            id,
+            address,
+            priority,
+            role,
+            ..Default::default()
+        },
+    );
+    let peers = prop::collection::vec(peer, 0..4);
+    let big = prop_oneof![any::<u64>(), 0u64..10, Just(u64::MAX)];
+    prop_oneof![
+        (group.clone(), peers.clone(), peers.clone(), 0i32..5).prop_map(|(g, p, e, mode)| {
+            AnyRequest::SetConfiguration(pb::SetConfigurationRequest {
+                group_id: g,
+                mode,
+                peers: p,
+                expected_peers: e,
+                timeout_ms: 500,
+                ..Default::default()
+            })
+        }),
+        (
+            other_group.clone(),
+            peers.clone(),
+            any::<bool>(),
+            "[a-z]{0,8}"
+        )
+            .prop_map(|(g, p, add, sm)| {
+                use pb::group_management_request::Op;
+                let op = if add {
+                    Op::Add(pb::GroupAdd {
+                        group_id: g,
+                        peers: p,
+                        listeners: Vec::new(),
+                        state_machine: sm,
+                    })
+                } else {
+                    Op::Remove(pb::GroupRemove {
+                        group_id: g,
+                        delete_data: true,
+                    })
+                };
+                AnyRequest::GroupManagement(pb::GroupManagementRequest { op: Some(op) })
+            }),
+        (group.clone(), big.clone()).prop_map(|(g, t)| {
+            AnyRequest::Transfer(pb::TransferLeadershipRequest {
+                group_id: g,
+                target_id: t,
+                timeout_ms: 300,
+            })
+        }),
+        group
+            .clone()
+            .prop_map(|g| AnyRequest::Snapshot(pb::SnapshotManagementRequest {
+                group_id: g,
+                ..Default::default()
+            })),
+        (other_group.clone(), any::<bool>()).prop_map(|(g, pause)| {
+            AnyRequest::Elections(pb::LeaderElectionManagementRequest { group_id: g, pause })
+        }),
+        group
+            .clone()
+            .prop_map(|g| AnyRequest::Info(pb::GroupInfoRequest { group_id: g })),
+        (group.clone(), bytes(64), bytes(2048), any::<u64>(), 0u8..5).prop_map(
+            |(g, client, payload, call, kind)| {
+                use pb::client_request::Kind;
+                let kind = match kind {
+                    0 => None,
+                    1 => Some(Kind::Write(pb::WriteRequest { payload })),
+                    2 => Some(Kind::Read(pb::ReadRequest {
+                        query: payload,
+                        non_linearizable: false,
+                    })),
+                    3 => Some(Kind::StaleRead(pb::StaleReadRequest {
+                        query: payload,
+                        min_index: call % 10,
+                    })),
+                    _ => Some(Kind::Watch(pb::WatchRequest {
+                        index: call % 10,
+                        level: (call % 6) as i32,
+                    })),
+                };
+                AnyRequest::Client(pb::ClientRequest {
+                    group_id: g,
+                    client_id: client,
+                    call_id: call,
+                    timeout_ms: 500,
+                    kind,
+                    ..Default::default()
+                })
+            }
+        ),
+        // Peer requests carry the member's own id and the real group only
+        // with numbers no real peer can send (forged but well-formed peer
+        // traffic is trusted by design: peers are authenticated by the
+        // network, e.g. mTLS, not by the protocol).
+        (other_group.clone(), big.clone(), big.clone()).prop_map(move |(g, t, i)| {
+            AnyRequest::Vote(pb::RequestVoteRequest {
+                group_id: g,
+                voter_id: member,
+                candidate_id: 424242,
+                term: t,
+                last_entry: Some(pb::TermIndex { term: t, index: i }),
+                ..Default::default()
+            })
+        }),
+        (other_group, big.clone()).prop_map(move |(g, t)| {
+            AnyRequest::ReadIndex(pb::ReadIndexRequest {
+                group_id: g,
+                follower_id: member,
+                term: t,
+                ..Default::default()
+            })
+        }),
+        (big.clone(), big).prop_map(move |(t, i)| {
+            AnyRequest::Append(pb::AppendEntriesRequest {
+                group_id: gid(real_group),
+                leader_id: 424242,
+                follower_id: member,
+                leader_term: (1u64 << 62) + 1 + t % 1000,
+                previous: Some(pb::TermIndex { term: t, index: i }),
+                ..Default::default()
+            })
+        }),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arbitrary_requests_to_every_service_are_answered_and_change_nothing() {
+    use kuberaft_proto::v1::raft_client_protocol_service_client::RaftClientProtocolServiceClient;
+    use kuberaft_proto::v1::raft_server_protocol_service_client::RaftServerProtocolServiceClient;
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::{Config, TestRunner};
+    use std::time::Duration;
+
+    let c = Cluster::start(1, &[]).await;
+    c.create_group("default", "kv", &[0]).await;
+    c.leader("default", &[0]).await;
+    let cl = c.client("default", &[0]);
+    for i in 0..20 {
+        cl.put(format!("keep-{i}").as_bytes(), b"v").await.unwrap();
+    }
+    let before = c.info(0, "default").await.unwrap();
+    let addr = c.members[0].addr.clone();
+    let ch = kuberaft_node::rpc::peer::channel(&addr).unwrap();
+    let strategy = any_request("default", c.members[0].id);
+    let mut runner = TestRunner::new(Config {
+        cases: 200,
+        ..Config::default()
+    });
+    let mut answered = 0;
+    for case in 0..200 {
+        let req = strategy.new_tree(&mut runner).unwrap().current();
+        let mut a = admin(&addr).await;
+        let mut peer = RaftServerProtocolServiceClient::new(ch.clone());
+        let mut client = RaftClientProtocolServiceClient::new(ch.clone());
+        let call = async {
+            // Ok or a status with a message: both are answers. A status
+            // without a message is not a clear error.
+            let status = match req.clone() {
+                AnyRequest::SetConfiguration(r) => a.set_configuration(r).await.err(),
+                AnyRequest::GroupManagement(r) => a.group_management(r).await.err(),
+                AnyRequest::Transfer(r) => a.transfer_leadership(r).await.err(),
+                AnyRequest::Snapshot(r) => a.snapshot_management(r).await.err(),
+                AnyRequest::Elections(r) => a.leader_election_management(r).await.err(),
+                AnyRequest::Info(r) => a.group_info(r).await.err(),
+                AnyRequest::Client(r) => {
+                    let mut s = client
+                        .unordered(tokio_stream::iter(vec![r]))
+                        .await
+                        .map_err(Some)
+                        .unwrap_or_else(|_| panic!("the client stream opens"))
+                        .into_inner();
+                    s.message().await.err()
+                }
+                AnyRequest::Vote(r) => peer.request_vote(r).await.err(),
+                AnyRequest::ReadIndex(r) => peer.read_index(r).await.err(),
+                AnyRequest::Append(r) => {
+                    let mut s = peer
+                        .append_entries(tokio_stream::iter(vec![r]))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    // A refused append gets no reply on the stream; the
+                    // stream just ends or stays quiet.
+                    let _ = tokio::time::timeout(Duration::from_millis(200), s.message()).await;
+                    None
+                }
+            };
+            if let Some(s) = status {
+                assert!(
+                    !s.message().is_empty(),
+                    "case {case}: {req:?} got a bare {s:?}"
+                );
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap_or_else(|_| panic!("case {case}: no answer within 10 s to {req:?}"));
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+    // The node is alive, the group kept its term and leader, and nothing
+    // written before was lost.
+    let after = c.info(0, "default").await.expect("the node still answers");
+    assert_eq!(after.role(), pb::RaftRole::Leader);
+    assert_eq!(after.term, before.term, "no forged term took hold");
+    assert!(after.commit_index >= before.commit_index);
+    for i in 0..20 {
+        assert_eq!(
+            cl.get(format!("keep-{i}").as_bytes()).await.unwrap(),
+            Some(Bytes::from("v"))
+        );
+    }
+    cl.put(b"after-fuzz", b"1").await.unwrap();
+}
