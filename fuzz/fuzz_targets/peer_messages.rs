@@ -1,0 +1,35 @@
+//! Arbitrary bytes decoded as every peer message and converted for the
+//! core: converted or refused, never a panic, and nothing out of bounds
+//! reaches the core.
+#![no_main]
+
+use kuberaft_node::convert::{self, MAX_TERM_OR_INDEX};
+use kuberaft_proto::v1 as pb;
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(r) = pb::AppendEntriesRequest::decode(data)
+        && let Ok(a) = convert::append_from_pb(r)
+    {
+        assert!(a.term <= MAX_TERM_OR_INDEX && a.prev_index <= MAX_TERM_OR_INDEX);
+    }
+    if let Ok(r) = pb::AppendEntriesReply::decode(data) {
+        let _ = convert::append_reply_from_pb(&r);
+    }
+    if let Ok(r) = pb::RequestVoteRequest::decode(data) {
+        let _ = convert::vote_from_pb(&r);
+    }
+    if let Ok(r) = pb::StartLeaderElectionRequest::decode(data) {
+        let _ = convert::start_election_from_pb(&r);
+    }
+    if let Ok(r) = pb::ReadIndexRequest::decode(data) {
+        let _ = convert::read_index_from_pb(&r);
+    }
+    if let Ok(c) = pb::Configuration::decode(data) {
+        let _ = convert::membership_from_pb(&c);
+    }
+    if let Ok(e) = pb::LogEntry::decode(data) {
+        let _ = convert::entry_from_pb(e);
+    }
+});
