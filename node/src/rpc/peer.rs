@@ -51,6 +51,9 @@ pub struct PeerTransport {
     source: Option<IpAddr>,
 }
 
+/// Pause after a failed snapshot transfer before the leader may try again.
+const SNAPSHOT_RETRY_DELAY: Duration = Duration::from_millis(500);
+
 /// A lazily connecting channel to `address` (host:port).
 pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
     channel_from(address, None)
@@ -302,7 +305,11 @@ impl Transport for PeerTransport {
                     Message::InstallSnapshotReply(convert::install_reply_from_pb(&r)),
                 ),
                 other => {
-                    tracing::warn!(to, result = ?other.map(|r| r.map(|_| ())), "snapshot transfer failed");
+                    tracing::warn!(to, result = ?other.map(|r| r.map(|_| ())), "snapshot transfer failed; retrying in half a second");
+                    // A member that is down or unreachable fails every
+                    // transfer at once; without a pause the leader would
+                    // retry in a tight loop.
+                    tokio::time::sleep(SNAPSHOT_RETRY_DELAY).await;
                     deliver(&router, &group, to, GroupMsg::SnapshotFailed { to });
                 }
             }
