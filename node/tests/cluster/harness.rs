@@ -240,6 +240,15 @@ impl Cluster {
         .await
     }
 
+    /// Waits until member `i` leads `group`.
+    pub async fn becomes_leader(&self, i: usize, group: &str) {
+        poll(&format!("member {i} to lead {group}"), || async {
+            let info = self.info(i, group).await?;
+            (info.role() == pb::RaftRole::Leader).then_some(())
+        })
+        .await
+    }
+
     /// Waits until member `i` applied everything the leader committed.
     pub async fn caught_up(&self, i: usize, group: &str, leader: usize) {
         poll(&format!("member {i} to catch up"), || async {

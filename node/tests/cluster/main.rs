@@ -774,7 +774,9 @@ async fn ordered_stream_applies_pipelined_writes_in_order_and_admin_commands_wor
         &["--group", "ctr", "peer", "set-priority", &assignment],
     );
     assert!(ok, "{err}");
-    // A caught-up voter of higher priority is handed leadership.
+    // A caught-up voter of higher priority is handed leadership (after the
+    // command returns: the hand-over follows the committed configuration).
+    c.becomes_leader(other, "ctr").await;
     assert_eq!(c.leader("ctr", &all).await, other);
     let info = c.info(other, "ctr").await.unwrap();
     let p = info
@@ -925,6 +927,7 @@ async fn listeners_priorities_step_down_and_watch_levels() {
     );
     assert!(ok, "peer add --priority: {err}");
     let now_voters = [0, 1, 2, favourite];
+    c.becomes_leader(favourite, "default").await;
     assert_eq!(c.leader("default", &now_voters).await, favourite);
     let conf = c
         .info(favourite, "default")
