@@ -89,12 +89,10 @@ impl Applier {
         index: Index,
         files: &[(String, Vec<u8>)],
     ) -> Result<(), crate::statemachine::StateMachineError> {
-        let (cache, sm_files): (Vec<_>, Vec<_>) = files
-            .iter()
-            .cloned()
-            .partition(|(name, _)| name == RETRY_CACHE_FILE);
-        self.sm.restore(index, &sm_files)?;
-        match cache.first() {
+        // The state machine looks its files up by name and ignores the
+        // cache's; no copy of a possibly large snapshot is made.
+        self.sm.restore(index, files)?;
+        match files.iter().find(|(name, _)| name == RETRY_CACHE_FILE) {
             Some((_, bytes)) => self
                 .cache
                 .restore(bytes)

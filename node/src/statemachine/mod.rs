@@ -46,7 +46,9 @@ pub trait StateMachine: Send + std::fmt::Debug {
     /// Index of the last command applied (or restored).
     fn applied_index(&self) -> Index;
     fn snapshot(&self) -> SnapshotFiles;
-    /// Replaces the state with a snapshot taken at `index`.
+    /// Replaces the state with a snapshot taken at `index`. `files` holds
+    /// what [`Self::snapshot`] returned plus files of the server's own (the
+    /// retry cache's); look yours up by name and ignore the rest.
     fn restore(
         &mut self,
         index: Index,

@@ -79,6 +79,8 @@ impl Net {
         tokio::spawn(async move {
             loop {
                 let Ok((down, peer)) = listener.accept().await else {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let from = member_of(peer.ip());
