@@ -75,6 +75,10 @@ struct Args {
     /// A runtime stall longer than this makes leaders step down.
     #[arg(long, env = "KUBERAFT_STALL_THRESHOLD_MS", default_value_t = 1000)]
     stall_threshold_ms: u64,
+    /// Threads writing and fsyncing the groups' logs, shared by all groups
+    /// (one log is written by one thread at a time).
+    #[arg(long, env = "KUBERAFT_LOG_THREADS", default_value_t = 8)]
+    log_threads: usize,
     /// Log line format on stdout.
     #[arg(long, env = "KUBERAFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -163,6 +167,7 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         group,
         storage,
         stall_threshold: Duration::from_millis(a.stall_threshold_ms),
+        log_threads: a.log_threads.max(1),
     })
 }
 

@@ -819,6 +819,48 @@ fn node_binary() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Polls every member's /readyz (every group has a leader, storage is
+/// healthy) until all answer 200.
+async fn wait_ready(members: &[Member], limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    for m in members {
+        loop {
+            let why = match http_get(&m.http, "/readyz").await {
+                Ok((200, _)) => break,
+                Ok((_, body)) => format!("member {}: {}", m.index, body.trim()),
+                Err(e) => format!("member {}: {e}", m.index),
+            };
+            if Instant::now() >= deadline {
+                return Err(why.lines().next().unwrap_or("").to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// A bare HTTP/1.1 GET: (status, body).
+async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((code, body))
+}
+
 struct Member {
     index: usize,
     addr: String,
@@ -927,6 +969,7 @@ async fn local_up(
     }
     let bin = node_binary()?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let spawned = Instant::now();
     let mut members = Vec::new();
     for i in 0..n {
         members.push(spawn_member(&bin, dir, i, base, extra)?);
@@ -941,17 +984,24 @@ async fn local_up(
             .map(|m| m.addr.clone())
             .zip(ids.iter().copied())
             .collect();
+        // What each member hosts already (a restart on the same --dir).
+        let mut hosted = Vec::new();
+        for (addr, _) in &all {
+            let list = admin(addr)
+                .await?
+                .group_list(pb::GroupListRequest {})
+                .await?
+                .into_inner();
+            let ids: std::collections::HashSet<Bytes> =
+                list.group_ids.into_iter().map(|g| g.id).collect();
+            hosted.push(ids);
+        }
         for g in 0..groups {
             let name = group_name(g);
             let mut missing = Vec::new();
             let mut present = 0;
-            for (addr, id) in &all {
-                let list = admin(addr)
-                    .await?
-                    .group_list(pb::GroupListRequest {})
-                    .await?
-                    .into_inner();
-                if list.group_ids.iter().any(|x| x.id == name.as_bytes()) {
+            for ((addr, id), ids) in all.iter().zip(&hosted) {
+                if ids.contains(name.as_bytes()) {
                     present += 1;
                 } else {
                     missing.push((addr.clone(), *id));
@@ -985,10 +1035,18 @@ async fn local_up(
         },
     };
     let leader = leader_address(&cli_like).await.ok();
+    let ready = wait_ready(&members, Duration::from_secs(60)).await;
     println!(
         "kuberaft local cluster: {n} members, data in {}",
         dir.display()
     );
+    match ready {
+        Ok(()) => println!(
+            "  every group has a leader on every member, {:.1} s after the members started",
+            spawned.elapsed().as_secs_f64()
+        ),
+        Err(why) => println!("  not every group has a leader yet: {why}"),
+    }
     for (m, (_, id)) in members.iter().zip(&all) {
         println!(
             "  member {} id {id}: gRPC {}  HTTP http://{}/status",

@@ -11,8 +11,15 @@
 //! until the call's deadline. A write keeps its call id across retries, so
 //! the servers' retry cache applies it at most once and a retry gets the
 //! first attempt's answer: exactly-once within the retry-cache window.
+//!
+//! Every write also carries the client's watermark: the lowest call id it
+//! handed out whose outcome is not settled (answered, or given up by the
+//! caller). The servers forget the replies below it, which keeps their retry
+//! cache, and every snapshot that carries it, as small as the calls in
+//! flight. A write that timed out stays unsettled, so it can still be
+//! retried, until the caller says otherwise with [`Client::settle`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -101,11 +108,19 @@ struct Conn {
 struct Inner {
     group: Bytes,
     client_id: Bytes,
-    next_call: AtomicU64,
+    calls: Mutex<Calls>,
     next_tag: AtomicU64,
     conns: Mutex<Vec<Arc<Conn>>>,
     leader: AtomicUsize,
     opts: ClientOptions,
+}
+
+/// The call ids a client handed out.
+#[derive(Debug)]
+struct Calls {
+    next: u64,
+    /// Handed out, outcome not settled: the caller may still retry them.
+    unsettled: BTreeSet<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -117,7 +132,14 @@ pub struct Client {
 enum Attempt {
     Done(pb::ClientReply),
     Fatal(ClientError),
-    Retry { why: String, next: Option<usize> },
+    Retry {
+        why: String,
+        next: Option<usize>,
+    },
+    /// The same member, after a backoff (its leader is getting ready).
+    Wait {
+        why: String,
+    },
 }
 
 impl Client {
@@ -143,7 +165,10 @@ impl Client {
             inner: Arc::new(Inner {
                 group: Bytes::copy_from_slice(group),
                 client_id: Bytes::copy_from_slice(&client_id),
-                next_call: AtomicU64::new(1),
+                calls: Mutex::new(Calls {
+                    next: 1,
+                    unsettled: BTreeSet::new(),
+                }),
                 next_tag: AtomicU64::new(1),
                 conns: Mutex::new(conns),
                 leader: AtomicUsize::new(0),
@@ -153,7 +178,9 @@ impl Client {
     }
 
     /// The same client under another identity for retries: a process that
-    /// restarts and retries its calls passes the id it used before.
+    /// restarts and retries its calls passes the id it used before. The
+    /// calls it retries must keep their ids and its new calls must not reuse
+    /// them: see [`Self::skip_call_ids`].
     pub fn with_client_id(&self, client_id: Bytes) -> Result<Client, ClientError> {
         let peers: Vec<String> = self
             .inner
@@ -175,9 +202,39 @@ impl Client {
         &self.inner.client_id
     }
 
-    /// A fresh call id for [`Self::write_call`].
+    /// A fresh call id for [`Self::write_call`]. It stays unsettled (and
+    /// holds the watermark back) until a call with it gets a definite answer
+    /// or [`Self::settle`] is called.
     pub fn next_call_id(&self) -> u64 {
-        self.inner.next_call.fetch_add(1, Ordering::Relaxed)
+        let mut c = self.inner.calls.lock().expect("lock");
+        let id = c.next;
+        c.next += 1;
+        c.unsettled.insert(id);
+        id
+    }
+
+    /// New call ids start at `next` or above, e.g. after a restart under the
+    /// same client id, above every id the previous run used.
+    pub fn skip_call_ids(&self, next: u64) {
+        let mut c = self.inner.calls.lock().expect("lock");
+        c.next = c.next.max(next);
+    }
+
+    /// The caller will not retry `call_id` (a write that timed out, given
+    /// up): the servers may forget it.
+    pub fn settle(&self, call_id: u64) {
+        self.inner
+            .calls
+            .lock()
+            .expect("lock")
+            .unsettled
+            .remove(&call_id);
+    }
+
+    /// Every call id below this was settled.
+    fn answered_below(&self) -> u64 {
+        let c = self.inner.calls.lock().expect("lock");
+        c.unsettled.first().copied().unwrap_or(c.next)
     }
 
     /// Writes a state machine command (exactly once).
@@ -235,7 +292,21 @@ impl Client {
         call_id: u64,
         kind: pb::client_request::Kind,
     ) -> Result<Reply, ClientError> {
+        let result = self.call_once(call_id, kind).await;
+        // Only a write without an answer may be retried with this id.
+        if !matches!(result, Err(ClientError::Timeout { write: true, .. })) {
+            self.settle(call_id);
+        }
+        result
+    }
+
+    async fn call_once(
+        &self,
+        call_id: u64,
+        kind: pb::client_request::Kind,
+    ) -> Result<Reply, ClientError> {
         let o = &self.inner.opts;
+        let is_write = matches!(kind, pb::client_request::Kind::Write(_));
         let started = Instant::now();
         let mut backoff = o.backoff_min;
         let mut last = String::from("no attempt made");
@@ -247,7 +318,7 @@ impl Client {
                 return Err(ClientError::Timeout {
                     after: o.timeout,
                     last,
-                    write: matches!(kind, pb::client_request::Kind::Write(_)),
+                    write: is_write,
                 });
             }
             let req = pb::ClientRequest {
@@ -260,10 +331,19 @@ impl Client {
                 // watch or read that cannot finish says why instead of
                 // going silent.
                 timeout_ms: o.attempt_timeout.min(left.mul_f64(0.9)).as_millis() as u64,
+                // Never above the call's own id: a caller-chosen id below
+                // the watermark is sent without one.
+                answered_below: if is_write {
+                    Some(self.answered_below())
+                        .filter(|w| *w <= call_id)
+                        .unwrap_or(0)
+                } else {
+                    0
+                },
                 kind: Some(kind.clone()),
                 ..Default::default()
             };
-            match self.attempt(target, req, left).await {
+            let (why, next, stay) = match self.attempt(target, req, left).await {
                 Attempt::Done(r) => {
                     self.inner.leader.store(target, Ordering::Relaxed);
                     return Ok(Reply {
@@ -273,27 +353,29 @@ impl Client {
                     });
                 }
                 Attempt::Fatal(e) => return Err(e),
-                Attempt::Retry { why, next } => {
-                    // An attempt cut short by the call's own deadline says
-                    // nothing new; the reason before it is the useful one.
-                    if attempts == 0 || started.elapsed() < o.timeout {
-                        last = why;
-                    }
-                    attempts += 1;
-                    let n = self.inner.conns.lock().expect("lock").len();
-                    let hinted = next.is_some();
-                    target = next.unwrap_or((target + 1) % n);
-                    if hinted {
-                        // A named leader is worth trying at once.
-                        self.inner.leader.store(target, Ordering::Relaxed);
-                        continue;
-                    }
-                    let jitter = 0.5 + rand::random::<f64>() / 2.0;
-                    let sleep = backoff.mul_f64(jitter).min(left);
-                    tokio::time::sleep(sleep).await;
-                    backoff = (backoff * 2).min(o.backoff_max);
+                Attempt::Retry { why, next } => (why, next, false),
+                Attempt::Wait { why } => (why, None, true),
+            };
+            // An attempt cut short by the call's own deadline says nothing
+            // new; the reason before it is the useful one.
+            if attempts == 0 || started.elapsed() < o.timeout {
+                last = why;
+            }
+            attempts += 1;
+            if !stay {
+                let n = self.inner.conns.lock().expect("lock").len();
+                let hinted = next.is_some();
+                target = next.unwrap_or((target + 1) % n);
+                if hinted {
+                    // A named leader is worth trying at once.
+                    self.inner.leader.store(target, Ordering::Relaxed);
+                    continue;
                 }
             }
+            let jitter = 0.5 + rand::random::<f64>() / 2.0;
+            let sleep = backoff.mul_f64(jitter).min(left);
+            tokio::time::sleep(sleep).await;
+            backoff = (backoff * 2).min(o.backoff_max);
         }
     }
 
@@ -317,6 +399,7 @@ impl Client {
         };
         let tag = self.inner.next_tag.fetch_add(1, Ordering::Relaxed);
         req.sequence_number = tag;
+        let req_timeout_ms = req.timeout_ms;
         let (tx, rx) = oneshot::channel();
         stream.waiters.lock().expect("lock").insert(tag, tx);
         if stream.tx.send(req).await.is_err() {
@@ -326,7 +409,11 @@ impl Client {
                 next: None,
             };
         }
-        let reply = match tokio::time::timeout(left, rx).await {
+        // The server gives up after the attempt's timeout; a connection that
+        // went silent (a peer killed mid-call) must not hold the call for the
+        // rest of its deadline, so the wait ends a little after that.
+        let server_gives_up = Duration::from_millis(req_timeout_ms) + Duration::from_millis(500);
+        let reply = match tokio::time::timeout(left.min(server_gives_up), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => {
                 return Attempt::Retry {
@@ -378,9 +465,11 @@ impl Client {
                 why: format!("index {} not replicated yet", n.log_index),
                 next: Some(target),
             },
-            Kind::LeaderNotReady(_) => Attempt::Retry {
-                why: "leader not ready".into(),
-                next: None,
+            Kind::LeaderNotReady(n) => Attempt::Wait {
+                why: format!(
+                    "{}: the leader of term {} is not ready yet",
+                    conn.address, n.leader_term
+                ),
             },
             Kind::LeaderSteppingDown(_) => Attempt::Retry {
                 why: format!("{} is handing over leadership", conn.address),

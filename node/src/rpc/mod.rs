@@ -10,7 +10,6 @@ use kuberaft_proto::v1::admin_protocol_service_server::AdminProtocolServiceServe
 use kuberaft_proto::v1::raft_client_protocol_service_server::RaftClientProtocolServiceServer;
 use kuberaft_proto::v1::raft_server_protocol_service_server::RaftServerProtocolServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use service::Services;
 
@@ -24,8 +23,12 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // Nagle's algorithm on the accepted sockets would hold a reply's last
+    // small segment until the peer's delayed ACK (40 ms on Linux). The
+    // builder's `tcp_nodelay` applies only to listeners it binds itself, so
+    // the accepted sockets are set here.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(
             RaftClientProtocolServiceServer::new(services.clone())
@@ -37,6 +40,6 @@ pub async fn serve(
                 .max_encoding_message_size(usize::MAX),
         )
         .add_service(AdminProtocolServiceServer::new(services))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

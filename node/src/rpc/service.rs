@@ -323,6 +323,9 @@ fn exception(e: &ClientError) -> pb::RaftException {
         ClientError::SteppingDown => Kind::LeaderSteppingDown(pb::LeaderSteppingDownException {
             message: e.to_string(),
         }),
+        ClientError::NotReady { term } => {
+            Kind::LeaderNotReady(pb::LeaderNotReadyException { leader_term: *term })
+        }
         ClientError::StateMachine {
             message,
             rejected_before_logging,
@@ -419,10 +422,23 @@ impl Services {
         };
         let (tx, rx) = oneshot::channel();
         let msg = match &req.kind {
+            Some(Kind::Write(_)) if req.answered_below > req.call_id => {
+                let err = ClientError::StateMachine {
+                    message: format!(
+                        "answered_below {} exceeds the call's own id {}: a call cannot be \
+                         answered before it is made; send at most the lowest unanswered call id",
+                        req.answered_below, req.call_id
+                    ),
+                    rejected_before_logging: true,
+                };
+                let r = self.reply(&req, Err(err), Some(&g));
+                return Box::pin(async move { r });
+            }
             Some(Kind::Write(w)) => match g.limits.try_acquire(w.payload.len() as u64) {
                 Ok(permit) => GroupMsg::Write {
                     client: req.client_id.clone(),
                     call: req.call_id,
+                    answered_below: req.answered_below,
                     payload: w.payload.clone(),
                     permit,
                     reply: tx,

@@ -1,6 +1,7 @@
 //! The group owner task: one tokio task per hosted group (Ratis's "division")
 //! that owns the group's [`RaftCore`], its state machine ([`Applier`]), its
-//! snapshot store and, through a [`LogWorker`] thread, its log.
+//! snapshot store and, through a [`LogWorker`] on the node's log threads,
+//! its log.
 //!
 //! Everything that touches the group is a [`GroupMsg`] in the task's inbox:
 //! peer messages, client requests, admin calls. The task handles every
@@ -31,7 +32,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::apply::{Applier, encode_logged};
+use super::apply::{Applier, LoggedCall, encode_logged};
 use super::limits::{PendingLimits, Permit};
 use super::metrics::{GroupLabel, Metrics};
 use super::retry_cache::{CachedReply, CallKey, Lookup};
@@ -43,8 +44,8 @@ use crate::core::{
 };
 use crate::statemachine::{SnapshotFiles, StateMachine};
 use crate::storage::{
-    Completion, LogWorker, RecoveredGroup, SnapshotInfo, SnapshotStore, SyncObserver, WorkerState,
-    WriteBatch,
+    Completion, LogPool, LogWorker, RecoveredGroup, SnapshotInfo, SnapshotStore, SyncObserver,
+    WorkerState, WriteBatch,
 };
 
 /// Tuning of every group a node hosts.
@@ -110,6 +111,10 @@ pub enum ClientError {
     },
     #[error("leadership is being transferred; retry at the new leader")]
     SteppingDown,
+    #[error(
+        "the leader of term {term} has not applied its predecessors' entries yet; retry shortly"
+    )]
+    NotReady { term: Term },
     #[error("state machine: {message}")]
     StateMachine {
         message: String,
@@ -169,6 +174,8 @@ pub enum GroupMsg {
     Write {
         client: Bytes,
         call: u64,
+        /// The client's watermark (`ClientRequest.answered_below`).
+        answered_below: u64,
         payload: Bytes,
         permit: Permit,
         reply: oneshot::Sender<ClientResult>,
@@ -256,6 +263,8 @@ pub struct GroupView {
     pub leader_changes: u64,
     pub pending_requests: u64,
     pub retry_cache_hits: u64,
+    /// Replies the retry cache holds for retries.
+    pub retry_cache_entries: u64,
     /// Snapshots received from a leader and installed.
     pub snapshots_installed: u64,
     /// The group's task has ended (removed, shut down or storage failed).
@@ -432,6 +441,7 @@ pub struct GroupStart {
     pub opts: GroupOptions,
     pub transport: Arc<dyn Transport>,
     pub metrics: Arc<Metrics>,
+    pub log_pool: LogPool,
 }
 
 /// Restores the group from its storage and starts its task.
@@ -447,6 +457,7 @@ pub fn spawn_group(
         opts,
         transport,
         metrics,
+        log_pool,
     } = start;
     let RecoveredGroup {
         meta,
@@ -480,10 +491,9 @@ pub fn spawn_group(
     state.on_sync = Some(SyncObserver(Box::new(move |d| {
         fsync.observe(d.as_secs_f64())
     })));
-    let worker = LogWorker::spawn(state, Duration::from_millis(500), move |c| {
+    let worker = LogWorker::spawn_in(&log_pool, state, Duration::from_millis(500), move |c| {
         let _ = done_tx.send(c);
-    })
-    .map_err(|e| format!("starting the log worker: {e}"))?;
+    });
     let (tx, rx) = mpsc::channel(4096);
     let limits = PendingLimits::new(opts.max_pending_requests, opts.max_pending_bytes);
     let view = Arc::new(Mutex::new(GroupView {
@@ -636,10 +646,21 @@ impl Group {
             GroupMsg::Write {
                 client,
                 call,
+                answered_below,
                 payload,
                 permit,
                 reply,
-            } => self.write(client, call, payload, permit, reply),
+            } => self.write(
+                LoggedCall {
+                    client,
+                    call,
+                    answered_below,
+                    logged_at_ms: now_ms(),
+                    payload,
+                },
+                permit,
+                reply,
+            ),
             GroupMsg::Read {
                 query,
                 linearizable,
@@ -795,28 +816,35 @@ impl Group {
         self.core.step(from, msg);
     }
 
-    fn write(
-        &mut self,
-        client: Bytes,
-        call: u64,
-        payload: Bytes,
-        permit: Permit,
-        reply: oneshot::Sender<ClientResult>,
-    ) {
+    fn write(&mut self, call: LoggedCall, permit: Permit, reply: oneshot::Sender<ClientResult>) {
         if self.core.role() != Role::Leader {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        let now = now_ms();
-        let key = (!client.is_empty()).then(|| CallKey {
-            client: client.clone(),
-            call,
+        // Until the leader applied an entry of its own term, its retry cache
+        // may miss calls its predecessors committed: a retry would be logged
+        // again (then skipped when applied, but answered with another index).
+        let term = self.core.term();
+        if self.core.log().term(self.applier.applied_index()) != Some(term) {
+            let _ = reply.send(Err(ClientError::NotReady { term }));
+            return;
+        }
+        let key = (!call.client.is_empty()).then(|| CallKey {
+            client: call.client.clone(),
+            call: call.call,
         });
         if let Some(key) = &key {
-            match self.applier.retry_cache().lookup(key, now) {
+            match self.applier.retry_cache().lookup(key, call.logged_at_ms) {
                 Lookup::New => {}
                 Lookup::Done(r) => {
                     let _ = reply.send(cached(r));
+                    return;
+                }
+                Lookup::Answered { below } => {
+                    let _ = reply.send(Err(ClientError::StateMachine {
+                        message: Lookup::answered_message(key.call, below),
+                        rejected_before_logging: true,
+                    }));
                     return;
                 }
                 Lookup::Pending { index } => {
@@ -833,14 +861,18 @@ impl Group {
                 }
             }
         }
-        if let Err(e) = self.applier.state_machine().start_transaction(&payload) {
+        if let Err(e) = self
+            .applier
+            .state_machine()
+            .start_transaction(&call.payload)
+        {
             let _ = reply.send(Err(ClientError::StateMachine {
                 message: e.to_string(),
                 rejected_before_logging: true,
             }));
             return;
         }
-        let data = encode_logged(client, call, now, payload);
+        let data = encode_logged(call);
         match self.core.propose(data) {
             Ok((term, index)) => {
                 if let Some(key) = &key {
@@ -1242,6 +1274,9 @@ impl Group {
         if self.applier.applied_index() >= self.last_snapshot + self.opts.snapshot_threshold
             && self.snapshot_retry_at.is_none_or(|t| Instant::now() >= t)
         {
+            // Writing the snapshot blocks this task for an fsync; clients
+            // were already answered, so the view shows their writes first.
+            self.publish();
             match self.take_snapshot() {
                 Ok(_) => self.snapshot_retry_at = None,
                 Err(e) => {
@@ -1322,40 +1357,60 @@ impl Group {
             priority: p.priority,
             voter,
         };
+        // Runs after every batch: nothing is allocated unless it changed.
         let mut v = self.view.lock().expect("view lock");
-        v.state_machine = self.sm_name.clone();
-        v.role = match st.role {
+        if v.state_machine != self.sm_name {
+            v.state_machine = self.sm_name.clone();
+        }
+        let role = match st.role {
             Role::Leader => "leader",
             Role::Candidate => "candidate",
             Role::PreCandidate => "pre-candidate",
             Role::Follower if m.is_listener(self.node_id) => "listener",
             Role::Follower => "follower",
+        };
+        if v.role != role {
+            v.role = role.to_string();
         }
-        .to_string();
         v.leader = st.leader;
         v.term = st.term;
         v.last_index = st.last_index;
         v.commit_index = st.commit_index;
         v.applied_index = self.applier.applied_index();
         v.snapshot_index = self.last_snapshot;
-        v.peers = m
-            .voters
-            .values()
-            .map(|p| peer(p, true))
-            .chain(m.listeners.values().map(|p| peer(p, false)))
-            .collect();
-        v.old_voters = m
-            .old_voters
-            .iter()
-            .flat_map(|o| o.keys().copied())
-            .collect();
-        v.progress = self.core.progress();
+        let members = || {
+            m.voters
+                .values()
+                .map(|p| (p, true))
+                .chain(m.listeners.values().map(|p| (p, false)))
+        };
+        let same = v.peers.len() == m.voters.len() + m.listeners.len()
+            && v.peers.iter().zip(members()).all(|(a, (p, voter))| {
+                a.id == p.id
+                    && a.address == p.address
+                    && a.priority == p.priority
+                    && a.voter == voter
+            });
+        if !same {
+            v.peers = members().map(|(p, voter)| peer(p, voter)).collect();
+        }
+        v.old_voters.clear();
+        v.old_voters
+            .extend(m.old_voters.iter().flat_map(|o| o.keys().copied()));
+        if st.role == Role::Leader || !v.progress.is_empty() {
+            v.progress = self.core.progress();
+        }
         v.storage_healthy = self.storage_error.is_none();
-        v.storage_message = self.storage_error.clone().unwrap_or_default();
+        match &self.storage_error {
+            Some(e) if *e != v.storage_message => v.storage_message = e.clone(),
+            Some(_) => {}
+            None => v.storage_message.clear(),
+        }
         v.elections_paused = st.elections_paused;
         v.leader_changes = self.leader_changes;
         v.pending_requests = self.limits.pending().0;
         v.retry_cache_hits = self.applier.retry_cache().hits();
+        v.retry_cache_entries = self.applier.retry_cache().len() as u64;
         v.snapshots_installed = self.snapshots_installed;
     }
 }

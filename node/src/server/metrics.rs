@@ -41,6 +41,7 @@ pub struct Metrics {
     applied: Family<GroupLabel, Gauge>,
     pending: Family<GroupLabel, Gauge>,
     retry_hits: Family<GroupLabel, Gauge>,
+    retry_entries: Family<GroupLabel, Gauge>,
     groups: Gauge,
 }
 
@@ -66,6 +67,7 @@ impl Metrics {
             applied: Family::default(),
             pending: Family::default(),
             retry_hits: Family::default(),
+            retry_entries: Family::default(),
             groups: Gauge::default(),
             registry: Registry::default(),
         };
@@ -102,6 +104,11 @@ impl Metrics {
             "Retried calls answered from the retry cache",
             m.retry_hits.clone(),
         );
+        registry.register(
+            "retry_cache_entries",
+            "Replies the retry cache holds for retries",
+            m.retry_entries.clone(),
+        );
         registry.register("groups", "Groups hosted by this node", m.groups.clone());
         Metrics { registry, ..m }
     }
@@ -129,6 +136,9 @@ impl Metrics {
             self.retry_hits
                 .get_or_create(&l)
                 .set(v.retry_cache_hits as i64);
+            self.retry_entries
+                .get_or_create(&l)
+                .set(v.retry_cache_entries as i64);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -148,6 +158,7 @@ impl Metrics {
             &self.applied,
             &self.pending,
             &self.retry_hits,
+            &self.retry_entries,
         ] {
             f.remove(&l);
         }

@@ -29,7 +29,7 @@ use super::metrics::Metrics;
 use crate::core::{Membership, NodeId, PeerInfo};
 use crate::statemachine;
 use crate::storage::fs::{FileSystem, StdFs, write_atomic};
-use crate::storage::{GroupStorageOptions, Meta, MetaStore, open_group};
+use crate::storage::{GroupStorageOptions, LogPool, Meta, MetaStore, open_group};
 
 /// Groups by id, shared by the registry and the transport (which delivers
 /// peers' replies to groups).
@@ -48,6 +48,8 @@ pub struct NodeOptions {
     pub storage: GroupStorageOptions,
     /// A runtime stall longer than this makes every leader step down.
     pub stall_threshold: Duration,
+    /// Threads writing the groups' logs (see `storage::LogPool`).
+    pub log_threads: usize,
 }
 
 /// Why a node or group operation failed; says what to do.
@@ -104,6 +106,7 @@ pub struct Node {
     transport: Arc<dyn Transport>,
     tasks: Mutex<HashMap<Bytes, JoinHandle<()>>>,
     fs: Arc<dyn FileSystem>,
+    log_pool: LogPool,
     /// Serialises group creation and removal.
     admin: tokio::sync::Mutex<()>,
 }
@@ -152,6 +155,8 @@ impl Node {
             metrics: Arc::new(Metrics::new()),
             tasks: Mutex::default(),
             fs: Arc::new(StdFs),
+            log_pool: LogPool::new(opts.log_threads)
+                .map_err(|e| NodeError::Start(format!("starting the log threads: {e}")))?,
             admin: tokio::sync::Mutex::new(()),
             opts,
         });
@@ -198,6 +203,7 @@ impl Node {
             opts: self.opts.group.clone(),
             transport: self.transport.clone(),
             metrics: self.metrics.clone(),
+            log_pool: self.log_pool.clone(),
         })
         .map_err(|e| NodeError::Start(format!("group {}: {e}", display_group(&id))))?;
         tracing::info!(group = %display_group(&id), "group started");

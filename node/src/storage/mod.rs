@@ -28,7 +28,7 @@ pub use log::{LogOptions, SegmentedLog};
 pub use mem::MemLog;
 pub use meta::{Meta, MetaStore};
 pub use snapshot::{SnapshotInfo, SnapshotStore, SnapshotWriter};
-pub use worker::{Completion, LogWorker, SyncObserver, WorkerState, WriteBatch};
+pub use worker::{Completion, LogPool, LogWorker, SyncObserver, WorkerState, WriteBatch};
 
 use crate::core::{Entry, Index, Term};
 

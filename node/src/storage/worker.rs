@@ -1,8 +1,8 @@
 //! The log worker: group commit for one group's log.
 //!
 //! The group's owner task hands over the persistence part of each `Ready` as
-//! a [`WriteBatch`] and goes on; a dedicated thread takes every batch queued
-//! by the time it is free, writes them all, makes them durable with **one**
+//! a [`WriteBatch`] and goes on; a log thread takes every batch queued by the
+//! time it gets to the log, writes them all, makes them durable with **one**
 //! fsync, then reports each batch durable in order ([`Completion::Durable`]),
 //! which the owner turns into `RaftCore::on_persisted`. Under load, many
 //! client requests share one fdatasync.
@@ -14,12 +14,14 @@
 //! allow. A failed fsync poisons the log (see `log.rs`): the worker reports
 //! `Completion::Failed` and the group must be restarted.
 //!
-//! A blocking thread rather than a tokio task: fsync blocks for its whole
-//! duration and must not stall a runtime worker.
+//! Blocking threads rather than tokio tasks: fsync blocks for its whole
+//! duration and must not stall a runtime worker. The threads are a
+//! [`LogPool`] the node's groups share: one log is written by one thread at a
+//! time, so its batches stay in order.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{LogStore, Meta, MetaStore, SegmentedLog, StorageError};
 use crate::core::{Entry, EntryPayload, HardState, Index};
@@ -71,18 +73,6 @@ pub enum Completion {
     Healthy,
     /// Storage cannot continue; restart the group.
     Failed { reason: String },
-}
-
-enum Msg {
-    Write(WriteBatch),
-    Stop,
-}
-
-/// Owns the log and the metadata file on a thread of its own.
-#[derive(Debug)]
-pub struct LogWorker {
-    tx: Sender<Msg>,
-    handle: Option<JoinHandle<SegmentedLog>>,
 }
 
 /// The worker's state, also usable without a thread (tests, tools).
@@ -184,81 +174,287 @@ impl WorkerState {
     }
 }
 
-impl LogWorker {
-    /// Starts the worker thread; `on_complete` runs on that thread.
-    pub fn spawn(
-        mut state: WorkerState,
-        retry_interval: Duration,
-        mut on_complete: impl FnMut(Completion) + Send + 'static,
-    ) -> std::io::Result<Self> {
-        let (tx, rx): (Sender<Msg>, Receiver<Msg>) = mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("kuberaft-log".into())
-            .spawn(move || {
-                let mut stop = false;
-                while !stop {
-                    let first = if state.pending.is_empty() {
-                        rx.recv().ok()
-                    } else {
-                        match rx.recv_timeout(retry_interval) {
-                            Ok(m) => Some(m),
-                            Err(RecvTimeoutError::Timeout) => None,
-                            Err(RecvTimeoutError::Disconnected) => Some(Msg::Stop),
-                        }
-                    };
-                    let mut batches = Vec::new();
-                    for m in first
-                        .into_iter()
-                        .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-                    {
-                        match m {
-                            Msg::Write(b) => batches.push(b),
-                            Msg::Stop => stop = true,
-                        }
-                    }
-                    if first_is_disconnect(&batches, stop, &state) {
-                        break;
-                    }
-                    for c in state.commit_group(batches) {
-                        let failed = matches!(c, Completion::Failed { .. });
-                        on_complete(c);
-                        if failed {
-                            return state.log;
-                        }
-                    }
-                }
-                state.log
-            })?;
-        Ok(LogWorker {
-            tx,
-            handle: Some(handle),
+/// Threads that run the logs of many groups: a group's batches are written
+/// by one thread at a time, in order, while different groups' fsyncs run on
+/// different threads. A node hosting a thousand groups needs a handful of
+/// threads, not a thousand (each with a stack and a wakeup of its own).
+#[derive(Clone, Debug)]
+pub struct LogPool {
+    inner: Arc<PoolInner>,
+    /// When the last handle goes, the threads end.
+    _alive: Arc<PoolAlive>,
+}
+
+#[derive(Debug, Default)]
+struct PoolInner {
+    queue: Mutex<RunQueue>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct RunQueue {
+    ready: VecDeque<Arc<Slot>>,
+    /// Logs whose writes failed for lack of space, retried at the instant.
+    retries: Vec<(Instant, Arc<Slot>)>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct PoolAlive(Arc<PoolInner>);
+
+impl Drop for PoolAlive {
+    fn drop(&mut self) {
+        self.0.queue.lock().expect("pool lock").closed = true;
+        self.0.wake.notify_all();
+    }
+}
+
+impl LogPool {
+    /// Starts `threads` log threads.
+    pub fn new(threads: usize) -> std::io::Result<LogPool> {
+        let inner = Arc::new(PoolInner::default());
+        for i in 0..threads.max(1) {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("kuberaft-log-{i}"))
+                .spawn(move || run_pool_thread(&inner))?;
+        }
+        Ok(LogPool {
+            _alive: Arc::new(PoolAlive(inner.clone())),
+            inner,
         })
+    }
+
+    fn schedule(&self, slot: Arc<Slot>) {
+        self.inner
+            .queue
+            .lock()
+            .expect("pool lock")
+            .ready
+            .push_back(slot);
+        self.inner.wake.notify_one();
+    }
+}
+
+/// One group's log in the pool.
+struct Slot {
+    /// Held by the thread writing it; `submit` never waits for it.
+    work: Mutex<Work>,
+    q: Mutex<SlotQueue>,
+    /// Signalled when a run ends (for `stop`).
+    idle: Condvar,
+    retry_interval: Duration,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+struct Work {
+    state: Option<WorkerState>,
+    on_complete: Box<dyn FnMut(Completion) + Send>,
+}
+
+#[derive(Default)]
+struct SlotQueue {
+    batches: Vec<WriteBatch>,
+    /// In the run queue, in the retry list or running.
+    scheduled: bool,
+    running: bool,
+    /// Stopping or failed: the pool leaves it alone.
+    closed: bool,
+}
+
+fn run_pool_thread(inner: &PoolInner) {
+    loop {
+        let slot = {
+            let mut q = inner.queue.lock().expect("pool lock");
+            loop {
+                let now = Instant::now();
+                let due: Vec<Arc<Slot>> = {
+                    let (due, later) = q.retries.drain(..).partition(|(at, _)| *at <= now);
+                    q.retries = later;
+                    due.into_iter().map(|(_, s)| s).collect()
+                };
+                q.ready.extend(due);
+                if let Some(s) = q.ready.pop_front() {
+                    break s;
+                }
+                if q.closed {
+                    return;
+                }
+                q = match q.retries.iter().map(|(at, _)| *at).min() {
+                    Some(at) => {
+                        let wait = at.saturating_duration_since(now);
+                        inner.wake.wait_timeout(q, wait).expect("pool lock").0
+                    }
+                    None => inner.wake.wait(q).expect("pool lock"),
+                };
+            }
+        };
+        match run_slot(&slot) {
+            Next::Idle => {}
+            Next::Again => inner.queue.lock().expect("pool lock").ready.push_back(slot),
+            Next::RetryAt(at) => inner
+                .queue
+                .lock()
+                .expect("pool lock")
+                .retries
+                .push((at, slot)),
+        }
+    }
+}
+
+/// What a log needs after a run.
+enum Next {
+    /// Nothing until the next submit.
+    Idle,
+    /// More batches came meanwhile: back of the run queue.
+    Again,
+    /// A write failed for lack of space: try again then.
+    RetryAt(Instant),
+}
+
+/// Writes what `slot` has queued with one fsync and says what it needs next.
+fn run_slot(slot: &Arc<Slot>) -> Next {
+    let batches = {
+        let mut q = slot.q.lock().expect("slot lock");
+        if q.closed {
+            q.scheduled = false;
+            slot.idle.notify_all();
+            return Next::Idle;
+        }
+        q.running = true;
+        std::mem::take(&mut q.batches)
+    };
+    let (failed, unhealthy) = {
+        let mut w = slot.work.lock().expect("work lock");
+        let Work { state, on_complete } = &mut *w;
+        let state = state.as_mut().expect("a slot in the pool has its log");
+        let mut failed = false;
+        for c in state.commit_group(batches) {
+            failed |= matches!(c, Completion::Failed { .. });
+            on_complete(c);
+        }
+        (failed, !state.pending.is_empty())
+    };
+    let mut q = slot.q.lock().expect("slot lock");
+    q.running = false;
+    q.closed |= failed;
+    let next = if q.closed {
+        Next::Idle
+    } else if !q.batches.is_empty() {
+        Next::Again
+    } else if unhealthy {
+        Next::RetryAt(Instant::now() + slot.retry_interval)
+    } else {
+        Next::Idle
+    };
+    q.scheduled = !matches!(next, Next::Idle);
+    slot.idle.notify_all();
+    next
+}
+
+/// Owns one group's log and metadata file, written by a [`LogPool`].
+#[derive(Debug)]
+pub struct LogWorker {
+    pool: LogPool,
+    slot: Arc<Slot>,
+    stopped: bool,
+}
+
+impl LogWorker {
+    /// Runs the log on a pool of its own with one thread (tests, tools);
+    /// `on_complete` runs on that thread.
+    pub fn spawn(
+        state: WorkerState,
+        retry_interval: Duration,
+        on_complete: impl FnMut(Completion) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        Ok(Self::spawn_in(
+            &LogPool::new(1)?,
+            state,
+            retry_interval,
+            on_complete,
+        ))
+    }
+
+    /// Runs the log on `pool`; `on_complete` runs on the pool's threads,
+    /// for one log on one thread at a time.
+    pub fn spawn_in(
+        pool: &LogPool,
+        state: WorkerState,
+        retry_interval: Duration,
+        on_complete: impl FnMut(Completion) + Send + 'static,
+    ) -> Self {
+        LogWorker {
+            pool: pool.clone(),
+            slot: Arc::new(Slot {
+                work: Mutex::new(Work {
+                    state: Some(state),
+                    on_complete: Box::new(on_complete),
+                }),
+                q: Mutex::new(SlotQueue::default()),
+                idle: Condvar::new(),
+                retry_interval,
+            }),
+            stopped: false,
+        }
     }
 
     /// Queues a batch. Batches are made durable in the order submitted.
     pub fn submit(&self, batch: WriteBatch) {
-        // The worker only goes away after `stop` or a fatal failure, which
-        // was reported through `Completion::Failed`.
-        let _ = self.tx.send(Msg::Write(batch));
+        let mut q = self.slot.q.lock().expect("slot lock");
+        // A closed log failed (reported through `Completion::Failed`) or is
+        // stopping.
+        if q.closed {
+            return;
+        }
+        q.batches.push(batch);
+        if !q.scheduled {
+            q.scheduled = true;
+            drop(q);
+            self.pool.schedule(self.slot.clone());
+        }
     }
 
-    /// Writes what is queued, stops the thread and hands the log back.
+    /// Writes what is queued, stops and hands the log back.
     pub fn stop(mut self) -> Option<SegmentedLog> {
-        let _ = self.tx.send(Msg::Stop);
-        self.handle.take().and_then(|h| h.join().ok())
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Option<SegmentedLog> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return None;
+        }
+        let (batches, failed) = {
+            let mut q = self.slot.q.lock().expect("slot lock");
+            let failed = q.closed;
+            q.closed = true;
+            // Wait out a run in progress; a slot waiting in a queue is
+            // dropped by the pool when it comes up.
+            while q.running {
+                q = self.slot.idle.wait(q).expect("slot lock");
+            }
+            (std::mem::take(&mut q.batches), failed)
+        };
+        let mut w = self.slot.work.lock().expect("work lock");
+        let Work { state, on_complete } = &mut *w;
+        let mut state = state.take()?;
+        // A failed log takes no more writes; it was reported once.
+        if !failed && (!batches.is_empty() || !state.pending.is_empty()) {
+            for c in state.commit_group(batches) {
+                on_complete(c);
+            }
+        }
+        Some(state.log)
     }
 }
 
 impl Drop for LogWorker {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Stop);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        let _ = self.finish();
     }
-}
-
-/// Stop right away only if there is nothing to write.
-fn first_is_disconnect(batches: &[WriteBatch], stop: bool, state: &WorkerState) -> bool {
-    stop && batches.is_empty() && state.pending.is_empty()
 }
