@@ -820,9 +820,13 @@ async fn ordered_stream_applies_pipelined_writes_in_order_and_admin_commands_wor
     // The config file's threshold is in force: automatic snapshots.
     let follower = (leader + 2) % 3;
     c.caught_up(follower, "ctr", leader).await;
-    let info = c.info(follower, "ctr").await.unwrap();
-    let linfo = c.info(leader, "ctr").await.unwrap();
-    assert!(info.snapshot_index >= 150, "{info:?}\nleader: {linfo:?}");
+    // The view is published before the snapshot is written (so commit
+    // progress is visible meanwhile): wait for the snapshot to show.
+    poll("the follower's automatic snapshot", || async {
+        let info = c.info(follower, "ctr").await?;
+        (info.snapshot_index >= 150).then_some(())
+    })
+    .await;
 
     // Admin commands through the CLI.
     let all = c.all();
