@@ -144,6 +144,7 @@ pub fn append_to_pb(
         leader_commit: m.leader_commit,
         call_id: m.round,
         commit_infos: Vec::new(),
+        quiesce: m.quiesce,
     }
 }
 
@@ -196,6 +197,7 @@ pub fn append_from_pb(r: pb::AppendEntriesRequest) -> Result<AppendEntries, Deco
         entries,
         leader_commit: r.leader_commit,
         round: r.call_id,
+        quiesce: r.quiesce,
     })
 }
 
@@ -220,6 +222,7 @@ pub fn append_reply_to_pb(
         call_id: m.round,
         conflict_term: m.conflict_term,
         rejected_previous: m.rejected_prev,
+        quiet: m.quiet,
     }
 }
 
@@ -241,6 +244,7 @@ pub fn append_reply_from_pb(r: &pb::AppendEntriesReply) -> Result<AppendEntriesR
         rejected_prev: r.rejected_previous,
         follower_commit: r.follower_commit,
         round: r.call_id,
+        quiet: r.quiet,
     })
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use kuberaft_node::http;
+use kuberaft_node::rpc::liveness::LivenessOptions;
 use kuberaft_node::rpc::{self, Services, peer::PeerTransport};
 use kuberaft_node::server::group::GroupOptions;
 use kuberaft_node::server::node::{Node, NodeOptions};
@@ -55,6 +56,11 @@ struct Args {
     election_timeout_ms: u64,
     #[arg(long, env = "KUBERAFT_HEARTBEAT_MS", default_value_t = 100)]
     heartbeat_ms: u64,
+    /// Let idle groups go quiet: no heartbeats and no election timers until
+    /// a write, a read or a peer's failure wakes them (one ping per peer
+    /// pair watches liveness instead). `false` heartbeats every group always.
+    #[arg(long, env = "KUBERAFT_QUIESCE", default_value_t = true, action = clap::ArgAction::Set)]
+    quiesce: bool,
     /// Serve linearizable reads from a leader lease (needs bounded clock drift).
     #[arg(long, env = "KUBERAFT_LEADER_LEASE")]
     leader_lease: bool,
@@ -153,6 +159,7 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         election_timeout_max_ticks: min * 2,
         heartbeat_interval_ticks: (a.heartbeat_ms / tick).clamp(1, min - 1),
         leader_lease: a.leader_lease,
+        quiesce: a.quiesce,
         snapshot_threshold: a.snapshot_threshold.max(1),
         retry_ttl_ms: a.retry_ttl_ms,
         max_pending_requests: a.max_pending_requests,
@@ -186,8 +193,16 @@ async fn run(a: Args) -> anyhow::Result<()> {
         )
     })?;
     let source = a.source_address;
-    let node = Node::open(opts, |id, router| {
-        PeerTransport::with_source(id, router, source)
+    // Peers are pinged every heartbeat interval and taken for dead after
+    // half the minimum election timeout: a quiet group whose leader died
+    // then elects within about the time a busy group takes.
+    let g = &opts.group;
+    let liveness = LivenessOptions {
+        interval: g.tick * g.heartbeat_interval_ticks as u32,
+        dead_after: g.tick * (g.election_timeout_min_ticks / 2).max(1) as u32,
+    };
+    let node = Node::open(opts.clone(), |id, router| {
+        PeerTransport::with_options(id, router, source, liveness)
     })
     .context("cannot open the data directory")?;
     tracing::info!(

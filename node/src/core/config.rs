@@ -47,6 +47,20 @@ pub struct Config {
     /// A follower that is being sent a snapshot and does not confirm it within
     /// this many ticks is probed again.
     pub snapshot_timeout_ticks: u64,
+    /// Let an idle group go quiet: once every member holds the whole log and
+    /// nothing happened for `election_timeout_min_ticks`, the leader stops
+    /// heartbeating and the followers stop their election timers. Any write,
+    /// read, membership change or message wakes the group. A node with many
+    /// groups spends next to nothing on the idle ones; the shell wakes the
+    /// quiet groups of a peer that stopped answering (node liveness), so a
+    /// dead leader is replaced as fast as in a busy group.
+    pub quiesce: bool,
+    /// A quiet leader still sends a heartbeat this often, so that a follower
+    /// that missed the moment (or restarted) learns who leads.
+    pub quiet_heartbeat_ticks: u64,
+    /// A quiet follower that hears nothing for this long wakes and starts its
+    /// election timer: the backstop when nobody told it the leader is gone.
+    pub quiet_timeout_ticks: u64,
     /// Seed for the election-timeout randomisation; the shell passes a random
     /// value, the simulation a deterministic one.
     pub rng_seed: u64,
@@ -72,6 +86,9 @@ impl Config {
             staging_catch_up_gap: 100,
             staging_timeout_ticks: 40,
             snapshot_timeout_ticks: 200,
+            quiesce: true,
+            quiet_heartbeat_ticks: 60,
+            quiet_timeout_ticks: 200,
             rng_seed: id,
         }
     }
@@ -106,6 +123,16 @@ impl Config {
             || self.max_append_bytes == 0
         {
             return Err(Invalid("in-flight and append bounds must be positive"));
+        }
+        if self.quiesce
+            && (self.quiet_heartbeat_ticks < self.heartbeat_interval_ticks
+                || self.quiet_timeout_ticks <= 2 * self.quiet_heartbeat_ticks)
+        {
+            return Err(Invalid(
+                "quiet_heartbeat_ticks must be at least heartbeat_interval_ticks and \
+                 quiet_timeout_ticks more than twice quiet_heartbeat_ticks, or quiet \
+                 followers wake between a quiet leader's heartbeats",
+            ));
         }
         if self.retransmit_ticks == 0
             || self.staging_timeout_ticks == 0

@@ -56,6 +56,9 @@ pub struct AppendEntries {
     /// Heartbeat round the request belongs to; echoed in the reply to
     /// confirm read-index rounds and the leader lease.
     pub round: u64,
+    /// A heartbeat of an idle leader whose log every member holds: go quiet
+    /// if your log ends at `prev_index` and commits `leader_commit`.
+    pub quiesce: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +86,9 @@ pub struct AppendEntriesReply {
     pub rejected_prev: Index,
     pub follower_commit: Index,
     pub round: u64,
+    /// The follower is quiet (it went or stayed quiet on a quiesce
+    /// heartbeat).
+    pub quiet: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

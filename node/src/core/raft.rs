@@ -72,6 +72,7 @@ pub struct Status {
     pub snapshot_index: Index,
     pub durable_index: Index,
     pub elections_paused: bool,
+    pub quiet: bool,
     pub transferring: bool,
     pub changing_membership: bool,
 }
@@ -109,6 +110,8 @@ struct Progress {
     acked_tick: u64,
     /// The follower's commit index as last reported.
     commit: Index,
+    /// The follower answered the current quiesce round: it is quiet.
+    quiet: bool,
 }
 
 impl Progress {
@@ -124,6 +127,7 @@ impl Progress {
             acked_round: 0,
             acked_tick: 0,
             commit: 0,
+            quiet: false,
         }
     }
 
@@ -198,6 +202,9 @@ struct LeaderState {
     transfer: Option<Transfer>,
     /// Appends are owed to followers (new entries or commit index).
     broadcast_pending: bool,
+    /// The round of the quiesce heartbeat that nothing has followed yet:
+    /// replies to it with `quiet` count towards the group going quiet.
+    quiesce_round: Option<u64>,
 }
 
 /// A taken Ready whose writes are not yet durable.
@@ -232,6 +239,15 @@ pub struct RaftCore {
     leader_contact_elapsed: u64,
     heartbeat_elapsed: u64,
     elections_paused: bool,
+    /// Idle and quiet (see `Config::quiesce`): a quiet follower runs no
+    /// election timer, a quiet leader sends only the rare quiet heartbeat
+    /// and does not check its quorum.
+    quiet: bool,
+    /// Ticks since the last quiet heartbeat was sent (leader) or received
+    /// (follower).
+    quiet_elapsed: u64,
+    /// The leader's last activity (an entry, a read, a change, a wake-up).
+    active_at: u64,
     votes: BTreeMap<NodeId, bool>,
     leader_state: Option<LeaderState>,
     /// Last index handed to the shell to apply.
@@ -277,6 +293,9 @@ impl RaftCore {
             leader_contact_elapsed: 0,
             heartbeat_elapsed: 0,
             elections_paused: false,
+            quiet: false,
+            quiet_elapsed: 0,
+            active_at: 0,
             votes: BTreeMap::new(),
             leader_state: None,
             apply_cursor: applied,
@@ -337,6 +356,7 @@ impl RaftCore {
             snapshot_index: self.log.snapshot_index(),
             durable_index: self.log.durable(),
             elections_paused: self.elections_paused,
+            quiet: self.quiet,
             transferring: ls.is_some_and(|l| l.transfer.is_some()),
             changing_membership: ls.is_some_and(|l| l.conf_change.is_some()),
         }
@@ -400,6 +420,69 @@ impl RaftCore {
 
     /// Advances time by one tick.
     pub fn tick(&mut self) {
+        self.tick_by(1);
+    }
+
+    /// Advances time by `n` ticks, as `n` calls of [`Self::tick`] would. A
+    /// quiet member takes any number at once, so a shell may tick its quiet
+    /// groups rarely and catch up in one call.
+    pub fn tick_by(&mut self, n: u64) {
+        for done in 0..n {
+            if self.quiet {
+                self.tick_quiet(n - done);
+                return;
+            }
+            self.tick_once();
+        }
+    }
+
+    /// Whether the group is quiet here (see `Config::quiesce`).
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
+    }
+
+    /// Leaves the quiet state: timers and check-quorum run again, and a
+    /// leader heartbeats at the next tick, which wakes its followers. The
+    /// shell calls this when a peer of the group stopped answering or came
+    /// back; a member that is not quiet is not changed.
+    pub fn wake(&mut self) {
+        if !self.quiet {
+            return;
+        }
+        self.quiet = false;
+        self.quiet_elapsed = 0;
+        self.active_at = self.now;
+        if self.role == Role::Leader {
+            // A fresh check-quorum window that counts only new replies.
+            self.election_elapsed = 0;
+            self.heartbeat_elapsed = self.cfg.heartbeat_interval_ticks;
+            let ls = self.ls();
+            ls.quiesce_round = None;
+            for pr in ls.progress.values_mut() {
+                pr.quiet = false;
+                pr.active = false;
+            }
+        } else {
+            // Counted from now: the leader was heard from when this member
+            // went quiet, and its stickiness held ever since.
+            self.reset_election_timer();
+        }
+    }
+
+    fn tick_quiet(&mut self, n: u64) {
+        self.now += n;
+        self.quiet_elapsed = self.quiet_elapsed.saturating_add(n);
+        if self.role == Role::Leader {
+            if self.quiet_elapsed >= self.cfg.quiet_heartbeat_ticks {
+                self.quiet_elapsed = 0;
+                self.broadcast_heartbeat(true);
+            }
+        } else if self.quiet_elapsed >= self.cfg.quiet_timeout_ticks {
+            self.wake();
+        }
+    }
+
+    fn tick_once(&mut self) {
         self.now += 1;
         self.leader_contact_elapsed = self.leader_contact_elapsed.saturating_add(1);
         if self.role == Role::Leader {
@@ -513,6 +596,9 @@ impl RaftCore {
         if from == self.id {
             return;
         }
+        if self.quiet && !self.keeps_quiet(from, &msg) {
+            self.wake();
+        }
         let term = msg.term();
         if term > self.term {
             match &msg {
@@ -569,6 +655,21 @@ impl RaftCore {
             Message::InstallSnapshotReply(m) => self.handle_install_snapshot_reply(from, m),
             Message::ReadIndex(m) => self.handle_read_index(from, m),
             Message::ReadIndexReply(m) => self.handle_read_index_reply(m),
+        }
+    }
+
+    /// Whether `msg` is the quiet traffic of a quiet group: the leader's quiet
+    /// heartbeat, or a follower's reply that it is quiet. Anything else wakes
+    /// a quiet member.
+    fn keeps_quiet(&self, from: NodeId, msg: &Message) -> bool {
+        match msg {
+            Message::AppendEntries(m) => {
+                m.quiesce && m.term == self.term && self.leader == Some(from)
+            }
+            Message::AppendEntriesReply(r) => {
+                r.quiet && r.term == self.term && r.result == AppendResult::Success
+            }
+            _ => false,
         }
     }
 
@@ -777,6 +878,7 @@ impl RaftCore {
         }
         self.role = Role::Follower;
         self.votes.clear();
+        self.quiet = false;
         if was_leader {
             self.step_down_leader();
         }
@@ -832,6 +934,7 @@ impl RaftCore {
 
     fn become_leader(&mut self) {
         self.role = Role::Leader;
+        self.quiet = false;
         self.leader = Some(self.id);
         self.votes.clear();
         self.out.events.push(Event::LeaderChanged {
@@ -870,6 +973,7 @@ impl RaftCore {
             conf_change,
             transfer: None,
             broadcast_pending: true,
+            quiesce_round: None,
         });
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
@@ -933,9 +1037,53 @@ impl RaftCore {
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks {
             self.heartbeat_elapsed = 0;
-            self.broadcast_heartbeat();
+            let quiesce = self.can_quiesce();
+            self.broadcast_heartbeat(quiesce);
             self.resend_start_election();
             self.maybe_hand_over_to_priority();
+            // A group without followers has nobody to wait for.
+            self.maybe_go_quiet();
+        }
+    }
+
+    /// Whether this leader may ask its group to go quiet: idle for an
+    /// election timeout, everything durable and committed in its own term,
+    /// every member holding the whole log, and nothing in progress.
+    fn can_quiesce(&self) -> bool {
+        let Some(ls) = &self.leader_state else {
+            return false;
+        };
+        let last = self.log.last_index();
+        self.cfg.quiesce
+            && self.now.saturating_sub(self.active_at) >= self.cfg.election_timeout_min_ticks
+            && self.log.committed() == last
+            && self.log.durable() >= last
+            && self.committed_in_term()
+            && self.unpersisted.is_empty()
+            && ls.conf_change.is_none()
+            && ls.transfer.is_none()
+            && ls.reads.is_empty()
+            && ls.reads_before_commit.is_empty()
+            && ls.progress.values().all(|p| {
+                p.state == ProgressState::Replicate
+                    && p.match_index == last
+                    && p.inflight.is_empty()
+            })
+    }
+
+    /// Goes quiet once every follower answered the current quiesce round
+    /// with `quiet` and nothing happened meanwhile.
+    fn maybe_go_quiet(&mut self) {
+        if self.quiet || self.role != Role::Leader {
+            return;
+        }
+        let all_quiet = self
+            .leader_state
+            .as_ref()
+            .is_some_and(|ls| ls.quiesce_round.is_some() && ls.progress.values().all(|p| p.quiet));
+        if all_quiet && self.can_quiesce() {
+            self.quiet = true;
+            self.quiet_elapsed = 0;
         }
     }
 
@@ -946,6 +1094,8 @@ impl RaftCore {
     }
 
     fn append_entry(&mut self, payload: EntryPayload) -> (Term, Index) {
+        self.wake();
+        self.active_at = self.now;
         let index = self.log.last_index() + 1;
         let entry = Entry {
             term: self.term,
@@ -997,7 +1147,7 @@ impl RaftCore {
         }
         let round = self.ls().round;
         if self.ls().reads.back().is_some_and(|r| r.round > round) {
-            self.broadcast_heartbeat();
+            self.broadcast_heartbeat(false);
         }
         self.confirm_reads();
     }
@@ -1076,6 +1226,7 @@ impl RaftCore {
             }
             _ => pr.probe_sent = true,
         }
+        self.ls().quiesce_round = None;
         let msg = AppendEntries {
             term,
             prev_index,
@@ -1083,6 +1234,7 @@ impl RaftCore {
             entries,
             leader_commit: commit,
             round,
+            quiesce: false,
         };
         self.send(to, Message::AppendEntries(msg), false);
     }
@@ -1091,12 +1243,16 @@ impl RaftCore {
     /// the follower's known match, so it always passes the consistency check
     /// and safely carries the commit index (the follower commits only up to
     /// `prev`).
-    fn broadcast_heartbeat(&mut self) {
+    fn broadcast_heartbeat(&mut self, quiesce: bool) {
         let now = self.now;
         let horizon = now.saturating_sub(self.cfg.election_timeout_max_ticks);
         let ls = self.ls();
         ls.round += 1;
         let round = ls.round;
+        ls.quiesce_round = quiesce.then_some(round);
+        for pr in ls.progress.values_mut() {
+            pr.quiet = false;
+        }
         ls.round_ticks.push_back((round, now));
         while ls.round_ticks.front().is_some_and(|(_, t)| *t < horizon) {
             ls.round_ticks.pop_front();
@@ -1126,6 +1282,7 @@ impl RaftCore {
                 entries: Vec::new(),
                 leader_commit: self.log.committed(),
                 round,
+                quiesce,
             };
             self.send(to, Message::AppendEntries(msg), false);
         }
@@ -1141,10 +1298,12 @@ impl RaftCore {
             .iter()
             .find(|(r, _)| *r == m.round)
             .map(|(_, t)| *t);
+        let quiesce_round = self.ls().quiesce_round;
         let Some(pr) = self.ls().progress.get_mut(&from) else {
             return;
         };
         pr.active = true;
+        pr.quiet = m.quiet && m.result == AppendResult::Success && quiesce_round == Some(m.round);
         if m.round > pr.acked_round {
             pr.acked_round = m.round;
             if let Some(t) = tick_of_round {
@@ -1204,6 +1363,7 @@ impl RaftCore {
             }
         }
         self.confirm_reads();
+        self.maybe_go_quiet();
     }
 
     fn maybe_commit(&mut self) {
@@ -1268,6 +1428,7 @@ impl RaftCore {
             rejected_prev,
             follower_commit: self.log.committed(),
             round,
+            quiet: false,
         }
     }
 
@@ -1281,6 +1442,7 @@ impl RaftCore {
 
     fn handle_append(&mut self, from: NodeId, mut m: AppendEntries) {
         self.recognise_leader(from);
+        let quiesce = m.quiesce.then_some((m.prev_index, m.leader_commit));
         // Entries up to our commit index are known to match the leader's
         // (leader completeness); skip them so a delayed request overlapping
         // a compacted prefix still succeeds.
@@ -1330,7 +1492,20 @@ impl RaftCore {
         let last_new = self.log.append_from_leader(m.prev_index, m.entries);
         let commit = m.leader_commit.min(last_new);
         self.log.commit_to(commit.max(self.log.committed()));
-        let reply = self.append_reply(
+        // Quiet only with exactly the leader's log, all of it committed: a
+        // longer log holds entries the leader never sent in this term, which
+        // only a real append may truncate.
+        let quiet = self.cfg.quiesce
+            && quiesce.is_some_and(|(prev, commit)| {
+                prev == commit && self.log.last_index() == prev && self.log.committed() == commit
+            });
+        if quiet {
+            self.quiet = true;
+            self.quiet_elapsed = 0;
+        } else {
+            self.wake();
+        }
+        let mut reply = self.append_reply(
             AppendResult::Success,
             last_new,
             self.log.last_index() + 1,
@@ -1338,6 +1513,7 @@ impl RaftCore {
             0,
             m.round,
         );
+        reply.quiet = quiet;
         self.send(from, Message::AppendEntriesReply(reply), true);
     }
 
@@ -1405,6 +1581,8 @@ impl RaftCore {
     }
 
     fn register_read(&mut self, ctx: u64, origin: Option<NodeId>) {
+        self.wake();
+        self.active_at = self.now;
         if self.ls().transfer.is_some() {
             return self.answer_read(ctx, origin, Err(ReadError::SteppingDown));
         }
@@ -1513,6 +1691,10 @@ impl RaftCore {
     /// Starts a membership change; completion is reported by
     /// `Event::ConfChangeDone`. Errors here mean nothing was started.
     pub fn change_membership(&mut self, req: ConfChangeRequest) -> Result<(), ConfChangeError> {
+        if self.role == Role::Leader {
+            self.wake();
+            self.active_at = self.now;
+        }
         let Some(ls) = &self.leader_state else {
             return Err(ConfChangeError::NotLeader {
                 leader: self.leader,
@@ -1723,6 +1905,10 @@ impl RaftCore {
         target: Option<NodeId>,
         timeout_ticks: u64,
     ) -> Result<(), TransferError> {
+        if self.role == Role::Leader {
+            self.wake();
+            self.active_at = self.now;
+        }
         self.start_transfer(target, timeout_ticks, true)
     }
 

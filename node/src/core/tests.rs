@@ -1048,3 +1048,196 @@ fn t70_restart_keeps_exactly_what_was_durable() {
     );
     assert_eq!(net.nodes[&1].hard_state(), net.disks[&1].hard_state);
 }
+
+// --------------------------------------------------------------------------
+// 90: quiet groups
+// --------------------------------------------------------------------------
+
+fn quiet(net: &Net) -> Vec<NodeId> {
+    net.nodes
+        .values()
+        .filter(|c| c.is_quiet())
+        .map(|c| c.id())
+        .collect()
+}
+
+#[test]
+fn t90_an_idle_group_goes_quiet_and_a_write_wakes_it() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    assert!(quiet(&net).is_empty(), "just written: awake");
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3], "idle for an election timeout");
+    // Quiet: only the rare quiet heartbeat and its replies.
+    net.delivered.clear();
+    net.tick_all(120);
+    assert_eq!(
+        net.delivered.len(),
+        8,
+        "two quiet heartbeats to two followers and their replies in 120 ticks (awake: 240)"
+    );
+    assert_eq!(net.leaders(), vec![1]);
+    let (_, index) = net.propose(1, "b");
+    assert_eq!(
+        net.commit(1),
+        index,
+        "a write to a quiet group commits at once"
+    );
+    assert!(quiet(&net).is_empty(), "and wakes every member");
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3], "quiet again");
+    assert_eq!(net.applied_commands(3), vec![cmd("a"), cmd("b")]);
+}
+
+#[test]
+fn t90_quiet_followers_of_a_dead_leader_elect_once_woken_or_after_their_long_timeout() {
+    for woken in [true, false] {
+        let mut net = Net::new(3);
+        net.elect(1);
+        net.propose(1, "a");
+        net.tick_all(30);
+        assert_eq!(quiet(&net), vec![1, 2, 3]);
+        let term = net.nodes[&1].term();
+        net.crash(1);
+        net.tick_all(100);
+        assert!(net.leaders().is_empty(), "quiet followers keep no timer");
+        assert_eq!(net.nodes[&2].term(), term);
+        if woken {
+            // What node liveness does when the leader's node stops answering.
+            net.core(2).wake();
+            net.core(3).wake();
+            net.tick_all(45);
+        } else {
+            net.tick_all(150);
+        }
+        assert_eq!(net.leaders().len(), 1, "woken={woken}: a new leader");
+        let l = net.leaders()[0];
+        net.propose(l, "b");
+        net.tick_all(2);
+        assert_eq!(net.applied_commands(2), vec![cmd("a"), cmd("b")]);
+    }
+}
+
+#[test]
+fn t90_a_cut_off_quiet_leader_is_replaced_and_steps_down_when_it_returns() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(30);
+    net.cut.insert(1);
+    for id in 1..=3 {
+        net.core(id).wake();
+    }
+    net.tick_all(60);
+    let new = net
+        .leaders()
+        .into_iter()
+        .filter(|l| *l != 1)
+        .collect::<Vec<_>>();
+    assert_eq!(new.len(), 1, "the majority elected a leader");
+    assert_ne!(
+        net.nodes[&1].role(),
+        Role::Leader,
+        "awake, the old leader's check-quorum ran"
+    );
+    net.cut.clear();
+    net.tick_all(5);
+    assert_eq!(net.leaders(), new);
+}
+
+#[test]
+fn t90_a_lagging_follower_keeps_the_group_awake_until_it_caught_up() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    net.propose(1, "a");
+    net.tick_all(60);
+    assert!(
+        quiet(&net).is_empty(),
+        "a member without the whole log needs heartbeats and retries"
+    );
+    net.cut.clear();
+    net.tick_all(40);
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    assert_eq!(net.applied_commands(3), vec![cmd("a")]);
+}
+
+#[test]
+fn t90_a_restarted_follower_wakes_the_quiet_leader_without_disturbing_it() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    let term = net.nodes[&1].term();
+    net.crash(3);
+    net.start(3, cfg(3));
+    // n3 starts awake without a leader; its pre-vote is refused (n2 is
+    // sticky to its quiet leader) and wakes the leader, whose heartbeat
+    // n3 then follows.
+    net.tick_all(40);
+    assert_eq!(net.leaders(), vec![1]);
+    assert_eq!(net.nodes[&3].leader(), Some(1));
+    assert_eq!(net.nodes[&3].term(), term, "no term was raised");
+    net.tick_all(40);
+    assert_eq!(quiet(&net), vec![1, 2, 3], "quiet again");
+}
+
+#[test]
+fn t90_reads_and_changes_wake_a_quiet_leader_and_are_served_normally() {
+    let mut net = Net::with_config(3, |c| c.leader_lease = true);
+    net.elect(1);
+    let (_, index) = net.propose(1, "a");
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    net.tick_all(37);
+    net.core(1).read_index(9);
+    let ready = net.core(1).take_ready();
+    assert!(
+        read_ready(&ready.events, 9).is_none(),
+        "the lease ran out while quiet: a heartbeat round first"
+    );
+    for m in ready.messages {
+        net.queue.push_back(m);
+    }
+    net.flush();
+    net.tick_all(2);
+    assert_eq!(read_ready(&net.take_events(1), 9), Some(index));
+    assert!(!net.nodes[&1].is_quiet());
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    net.core(1).transfer_leadership(Some(2), 20).unwrap();
+    net.tick_all(10);
+    assert_eq!(
+        net.leaders(),
+        vec![2],
+        "a transfer wakes the group and completes"
+    );
+}
+
+#[test]
+fn t90_tick_by_on_a_quiet_member_is_many_ticks_at_once() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    net.crash(1);
+    // The quiet follower's backstop timeout (200 ticks, counted from its
+    // last quiet heartbeat less than 30 ticks ago) passes in one call.
+    net.core(2).tick_by(150);
+    assert!(net.nodes[&2].is_quiet());
+    net.core(2).tick_by(60);
+    assert!(!net.nodes[&2].is_quiet(), "woken by its own timeout");
+    // The quiet leader's heartbeat is due every 60 ticks, however they come.
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(30);
+    net.delivered.clear();
+    net.core(1).tick_by(600);
+    net.flush();
+    assert_eq!(net.delivered.len(), 4, "one quiet heartbeat round, not ten");
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+}

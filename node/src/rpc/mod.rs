@@ -1,6 +1,7 @@
 //! gRPC: the node's three services ([`service`]) and the peer transport
 //! ([`peer`]), plus [`serve`], which runs them on one listener.
 
+pub mod liveness;
 pub mod peer;
 pub mod service;
 

@@ -8,14 +8,18 @@
 //!   delivered to the group as a message from the peer.
 //! - installSnapshot: a stream of file chunks; the follower's reply ends it.
 //!
+//! - ping: one per peer every heartbeat interval, for node liveness (see
+//!   [`super::liveness`]); started when the first peer address is learned.
+//!
 //! Sending never blocks a group: a full queue drops the message, which Raft
 //! treats like any lost packet (the leader retransmits, candidates retry).
 //! A broken stream reconnects with a jittered backoff.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kuberaft_proto::v1 as pb;
@@ -24,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use super::liveness::{Liveness, LivenessOptions};
 use crate::convert::{self, membership_to_pb};
 use crate::core::{Envelope, InstallSnapshot, Membership, Message, NodeId};
 use crate::server::group::{GroupMsg, ReplyPath, Transport};
@@ -43,12 +48,19 @@ struct PeerConn {
 
 #[derive(Debug)]
 pub struct PeerTransport {
+    /// This transport, for the tasks it starts (which must not keep it alive).
+    me: Weak<PeerTransport>,
     self_id: NodeId,
     router: Router,
     addresses: Mutex<HashMap<NodeId, String>>,
     conns: Mutex<HashMap<NodeId, Arc<PeerConn>>>,
     /// Local address of connections to peers (`None`: the system picks).
     source: Option<IpAddr>,
+    /// Changes every start; peers see a restart in it.
+    incarnation: u64,
+    liveness: Mutex<Liveness>,
+    liveness_opts: LivenessOptions,
+    pinging: AtomicBool,
 }
 
 /// Pause after a failed snapshot transfer before the leader may try again.
@@ -107,13 +119,58 @@ impl PeerTransport {
 
     /// A transport whose peer connections leave from `source`.
     pub fn with_source(self_id: NodeId, router: Router, source: Option<IpAddr>) -> Arc<Self> {
-        Arc::new(PeerTransport {
+        Self::with_options(self_id, router, source, LivenessOptions::default())
+    }
+
+    /// [`Self::with_source`] with peers pinged as `liveness` says.
+    pub fn with_options(
+        self_id: NodeId,
+        router: Router,
+        source: Option<IpAddr>,
+        liveness: LivenessOptions,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| PeerTransport {
+            me: me.clone(),
             self_id,
             router,
             addresses: Mutex::default(),
             conns: Mutex::default(),
             source,
+            incarnation: rand::random::<u64>().max(1),
+            liveness: Mutex::default(),
+            liveness_opts: liveness,
+            pinging: AtomicBool::new(false),
         })
+    }
+
+    /// `peer` answered a ping or pinged us; wakes its quiet groups if it was
+    /// taken for dead or restarted.
+    fn heard(&self, peer: NodeId, incarnation: u64) {
+        let news = self
+            .liveness
+            .lock()
+            .expect("lock")
+            .heard(peer, incarnation, Instant::now());
+        if news {
+            tracing::debug!(peer, incarnation, "peer answers (again, or restarted)");
+            self.wake_groups(peer);
+        }
+    }
+
+    /// Tells every group that `peer` changed; quiet ones with that member
+    /// wake up.
+    fn wake_groups(&self, peer: NodeId) {
+        let groups: Vec<_> = self
+            .router
+            .read()
+            .expect("router lock")
+            .values()
+            .map(|g| g.tx.clone())
+            .collect();
+        for tx in groups {
+            // A full inbox belongs to a busy group, which is not quiet.
+            let _ = tx.try_send(GroupMsg::PeerChanged { peer });
+        }
     }
 
     fn conn(&self, to: NodeId) -> Option<Arc<PeerConn>> {
@@ -180,6 +237,55 @@ impl PeerTransport {
                 step(&router, &group, to, m);
             }
         });
+    }
+}
+
+/// Pings every known peer once per interval and wakes the groups of peers
+/// that fall silent; ends when the transport is dropped.
+async fn ping_peers(weak: Weak<PeerTransport>, opts: LivenessOptions) {
+    let mut ticker = tokio::time::interval(opts.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(t) = weak.upgrade() else { return };
+        let peers: Vec<NodeId> = t
+            .addresses
+            .lock()
+            .expect("lock")
+            .keys()
+            .copied()
+            .filter(|p| *p != t.self_id)
+            .collect();
+        let now = Instant::now();
+        for peer in peers {
+            t.liveness.lock().expect("lock").track(peer, now);
+            let Some(conn) = t.conn(peer) else { continue };
+            let mut client = conn.client.clone();
+            let req = pb::PingRequest {
+                from: t.self_id,
+                incarnation: t.incarnation,
+            };
+            let weak = Arc::downgrade(&t);
+            tokio::spawn(async move {
+                if let Ok(Ok(r)) = tokio::time::timeout(opts.dead_after, client.ping(req)).await
+                    && let Some(t) = weak.upgrade()
+                {
+                    t.heard(peer, r.into_inner().incarnation);
+                }
+            });
+        }
+        let lost = t
+            .liveness
+            .lock()
+            .expect("lock")
+            .expire(now, opts.dead_after);
+        for peer in lost {
+            tracing::info!(
+                peer,
+                "peer stopped answering pings; waking the quiet groups it is in"
+            );
+            t.wake_groups(peer);
+        }
     }
 }
 
@@ -323,6 +429,18 @@ impl Transport for PeerTransport {
                 addrs.insert(id, p.address.clone());
             }
         }
+        drop(addrs);
+        // Groups learn inside the runtime; the first one starts the pings.
+        if tokio::runtime::Handle::try_current().is_ok()
+            && !self.pinging.swap(true, Ordering::Relaxed)
+        {
+            tokio::spawn(ping_peers(self.me.clone(), self.liveness_opts));
+        }
+    }
+
+    fn pinged(&self, from: NodeId, incarnation: u64) -> u64 {
+        self.heard(from, incarnation);
+        self.incarnation
     }
 }
 

@@ -101,6 +101,15 @@ impl Services {
 
 #[tonic::async_trait]
 impl RaftServerProtocolService for Services {
+    async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
+        let r = req.into_inner();
+        let incarnation = self.node.transport().pinged(r.from, r.incarnation);
+        Ok(Response::new(pb::PingReply {
+            server_id: self.node.id,
+            incarnation,
+        }))
+    }
+
     async fn request_vote(
         &self,
         req: Request<pb::RequestVoteRequest>,

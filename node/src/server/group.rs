@@ -56,6 +56,8 @@ pub struct GroupOptions {
     pub election_timeout_max_ticks: u64,
     pub heartbeat_interval_ticks: u64,
     pub leader_lease: bool,
+    /// Let idle groups go quiet (see `core::Config::quiesce`).
+    pub quiesce: bool,
     /// Take a snapshot after this many entries were applied since the last.
     pub snapshot_threshold: u64,
     /// Exactly-once window for retried writes, in log time.
@@ -74,6 +76,7 @@ impl Default for GroupOptions {
             election_timeout_max_ticks: 20,
             heartbeat_interval_ticks: 2,
             leader_lease: false,
+            quiesce: true,
             snapshot_threshold: 10_000,
             retry_ttl_ms: 60_000,
             max_pending_requests: 8192,
@@ -91,6 +94,14 @@ impl GroupOptions {
         c.heartbeat_interval_ticks = self.heartbeat_interval_ticks;
         c.leader_lease = self.leader_lease;
         c.lease_ticks = self.election_timeout_min_ticks * 7 / 10;
+        c.quiesce = self.quiesce;
+        // Quiet heartbeats every six election timeouts; quiet followers
+        // give up on them after three and a third of that (3 s and 10 s
+        // with the core's defaults).
+        c.quiet_heartbeat_ticks = 6 * self
+            .election_timeout_min_ticks
+            .max(self.heartbeat_interval_ticks);
+        c.quiet_timeout_ticks = c.quiet_heartbeat_ticks * 10 / 3;
         c.rng_seed = rand::random();
         c
     }
@@ -224,6 +235,11 @@ pub enum GroupMsg {
     },
     /// The runtime stalled: a leader must not trust its lease or its view.
     StepDown,
+    /// Node liveness: `peer` stopped answering, or answered again after a
+    /// silence or a restart. A quiet group with that member wakes up.
+    PeerChanged {
+        peer: NodeId,
+    },
     /// Stop the group; a leader first hands leadership over if `transfer`.
     Shutdown {
         transfer: bool,
@@ -267,6 +283,9 @@ pub struct GroupView {
     pub retry_cache_entries: u64,
     /// Snapshots received from a leader and installed.
     pub snapshots_installed: u64,
+    /// Idle and quiet: no heartbeats, no election timer (see
+    /// `core::Config::quiesce`).
+    pub quiet: bool,
     /// The group's task has ended (removed, shut down or storage failed).
     pub stopped: bool,
 }
@@ -324,6 +343,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     );
     /// Addresses of members, learned from a group's membership.
     fn learn(&self, membership: &Membership);
+    /// Node liveness: peer `from` pinged this node, saying it started as
+    /// `incarnation`. Returns this node's incarnation, for the reply.
+    fn pinged(&self, from: NodeId, incarnation: u64) -> u64 {
+        let _ = (from, incarnation);
+        0
+    }
 }
 
 /// The handle the registry and the rpc layer keep for a group.
@@ -361,6 +386,16 @@ const KIND_VOTE: u8 = 1;
 const KIND_READ: u8 = 2;
 const KIND_INSTALL: u8 = 3;
 const MAX_BATCH: usize = 1024;
+/// A quiet group's task wakes once per this many ticks (a second on the
+/// default 50 ms tick) instead of every tick.
+const QUIET_STRIDE_TICKS: u32 = 20;
+
+/// Why the group's task woke.
+enum Woke {
+    Done(Completion),
+    Msg(GroupMsg),
+    Tick,
+}
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 
 /// A snapshot received from the leader and stored, waiting for the core to
@@ -578,30 +613,54 @@ impl Group {
         mut inbox: mpsc::Receiver<GroupMsg>,
         mut done: mpsc::UnboundedReceiver<Completion>,
     ) {
-        let mut ticker = tokio::time::interval(self.opts.tick);
+        let tick = self.opts.tick;
+        let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A quiet group is not ticked every tick: it sleeps for a stride and
+        // its core is then told how many ticks went by. `quiet_since` is
+        // the instant up to which the core has been told.
+        let stride = tick * QUIET_STRIDE_TICKS;
+        let mut quiet_since: Option<tokio::time::Instant> = None;
         loop {
-            tokio::select! {
+            let quiet_wake = quiet_since.map(|t| t + stride);
+            let woke = tokio::select! {
                 biased;
-                Some(c) = done.recv() => {
+                Some(c) = done.recv() => Woke::Done(c),
+                msg = inbox.recv() => match msg {
+                    Some(m) => Woke::Msg(m),
+                    None => break,
+                },
+                _ = ticker.tick(), if quiet_since.is_none() => Woke::Tick,
+                _ = tokio::time::sleep_until(quiet_wake.unwrap_or_else(tokio::time::Instant::now)),
+                    if quiet_wake.is_some() => Woke::Tick,
+            };
+            // Time spent quiet is counted before anything else happens, so
+            // that a leader woken by a read judges its lease by real time.
+            if let Some(since) = quiet_since {
+                let ticks = (since.elapsed().as_nanos() / tick.as_nanos().max(1)) as u32;
+                if ticks > 0 {
+                    self.core.tick_by(u64::from(ticks));
+                    quiet_since = Some(since + tick * ticks);
+                }
+            }
+            match woke {
+                Woke::Done(c) => {
                     self.on_completion(c);
                     while let Ok(c) = done.try_recv() {
                         self.on_completion(c);
                     }
                 }
-                msg = inbox.recv() => match msg {
-                    Some(m) => {
-                        self.handle(m);
-                        for _ in 0..MAX_BATCH {
-                            match inbox.try_recv() {
-                                Ok(m) => self.handle(m),
-                                Err(_) => break,
-                            }
+                Woke::Msg(m) => {
+                    self.handle(m);
+                    for _ in 0..MAX_BATCH {
+                        match inbox.try_recv() {
+                            Ok(m) => self.handle(m),
+                            Err(_) => break,
                         }
                     }
-                    None => break,
-                },
-                _ = ticker.tick() => self.core.tick(),
+                }
+                Woke::Tick if quiet_since.is_none() => self.core.tick(),
+                Woke::Tick => {}
             }
             if self.failed {
                 self.fail_everything("storage failed; the group stopped");
@@ -613,6 +672,14 @@ impl Group {
             self.publish();
             if self.shutdown_reply.is_some() && self.transfer_reply.is_none() {
                 break;
+            }
+            match (self.core.is_quiet(), quiet_since) {
+                (true, None) => quiet_since = Some(tokio::time::Instant::now()),
+                (false, Some(_)) => {
+                    quiet_since = None;
+                    ticker.reset();
+                }
+                _ => {}
             }
         }
         self.stop();
@@ -739,6 +806,11 @@ impl Group {
                 self.core.report_snapshot_failure(to);
             }
             GroupMsg::StepDown => self.core.step_down(),
+            GroupMsg::PeerChanged { peer } => {
+                if self.core.is_quiet() && self.core.membership().members().any(|m| m == peer) {
+                    self.core.wake();
+                }
+            }
             GroupMsg::Shutdown { transfer, reply } => {
                 self.shutdown_reply = Some(reply);
                 let others = self.core.membership().voters.len() > 1;
@@ -1412,6 +1484,7 @@ impl Group {
         v.retry_cache_hits = self.applier.retry_cache().hits();
         v.retry_cache_entries = self.applier.retry_cache().len() as u64;
         v.snapshots_installed = self.snapshots_installed;
+        v.quiet = st.quiet;
     }
 }
 

@@ -43,6 +43,7 @@ pub struct Metrics {
     retry_hits: Family<GroupLabel, Gauge>,
     retry_entries: Family<GroupLabel, Gauge>,
     groups: Gauge,
+    groups_quiet: Gauge,
 }
 
 impl Default for Metrics {
@@ -69,6 +70,7 @@ impl Metrics {
             retry_hits: Family::default(),
             retry_entries: Family::default(),
             groups: Gauge::default(),
+            groups_quiet: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -110,12 +112,19 @@ impl Metrics {
             m.retry_entries.clone(),
         );
         registry.register("groups", "Groups hosted by this node", m.groups.clone());
+        registry.register(
+            "groups_quiet",
+            "Groups that are idle and quiet here: no heartbeats, no election timer",
+            m.groups_quiet.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// The text exposition, with state gauges taken from `views`.
     pub fn encode(&self, views: &[GroupView]) -> String {
         self.groups.set(views.len() as i64);
+        self.groups_quiet
+            .set(views.iter().filter(|v| v.quiet).count() as i64);
         for v in views {
             let l = GroupLabel {
                 group: v.group.clone(),

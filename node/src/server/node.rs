@@ -215,6 +215,11 @@ impl Node {
         Ok(())
     }
 
+    /// How this node's groups reach their peers.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
     pub fn group(&self, id: &[u8]) -> Option<GroupHandle> {
         self.router.read().expect("router lock").get(id).cloned()
     }
