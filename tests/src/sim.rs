@@ -90,6 +90,8 @@ pub struct SimStats {
     pub transfers_ok: u64,
     pub transfers_failed: u64,
     pub pauses: u64,
+    /// Times a leader went quiet.
+    pub quiet_spells: u64,
     pub virtual_ms: u64,
 }
 
@@ -132,6 +134,13 @@ struct Features {
     keys: u64,
     /// Operations each client completes after the heal (liveness).
     ops_after_heal: u64,
+    /// Idle groups go quiet; the nemesis then also hushes every client now
+    /// and then so that they do.
+    quiesce: bool,
+    /// Node liveness stands in as an oracle: shortly after a member crashes
+    /// or restarts or the links change, every member is woken. Without it,
+    /// quiet followers rely on their own long timeout.
+    liveness_oracle: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +204,8 @@ enum EventKind {
         node: NodeId,
     },
     Heal,
+    /// Node liveness noticed a change: every quiet member wakes.
+    Wake,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -275,6 +286,8 @@ struct Node {
     snapshot_queued: Index,
     last_role: Role,
     last_term: Term,
+    /// Whether the member was a quiet leader after the last drive.
+    was_quiet: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -323,6 +336,8 @@ pub struct Sim {
     /// Links that drop everything: (from, to).
     blocked: BTreeSet<(NodeId, NodeId)>,
     healed: bool,
+    /// Clients start nothing new before this (a quiet spell).
+    hush_until: Time,
     heal_at: Time,
     history: Vec<Operation>,
     oracle: Oracle,
@@ -351,6 +366,8 @@ impl Sim {
             clients: rng.random_range(2..=5),
             keys: rng.random_range(1..=4),
             ops_after_heal: 5,
+            quiesce: rng.random_bool(0.7),
+            liveness_oracle: rng.random_bool(0.8),
         };
         let spares = 2;
         let total = opts.members + spares;
@@ -400,6 +417,7 @@ impl Sim {
                     snapshot_queued: 0,
                     last_role: Role::Follower,
                     last_term: 0,
+                    was_quiet: false,
                 },
             );
         }
@@ -425,6 +443,7 @@ impl Sim {
             clients,
             blocked: BTreeSet::new(),
             healed: false,
+            hush_until: 0,
             heal_at,
             history: Vec::new(),
             oracle: Oracle::default(),
@@ -516,6 +535,7 @@ impl Sim {
         c.pre_vote = self.f.pre_vote;
         c.check_quorum = self.f.check_quorum;
         c.leader_lease = self.f.lease;
+        c.quiesce = self.f.quiesce;
         c.max_inflight_appends = 8;
         c.max_append_bytes = 2_000;
         c.staging_catch_up_gap = 20;
@@ -552,6 +572,10 @@ impl Sim {
         node.last_role = Role::Follower;
         node.last_term = core.term();
         node.core = Some(core);
+        if self.now > 0 {
+            self.liveness_changed();
+        }
+        let node = self.nodes.get_mut(&id).expect("node");
         let tick = node.tick_interval;
         let phase = self.rng.random_range(0..tick);
         self.schedule(
@@ -577,6 +601,7 @@ impl Sim {
         node.incoming_snapshot = None;
         self.stats.crashes += 1;
         self.note(|| format!("crash n{id}"));
+        self.liveness_changed();
     }
 
     fn core(&mut self, id: NodeId) -> Option<&mut RaftCore> {
@@ -589,9 +614,32 @@ impl Sim {
             let Some(core) = self.core(id) else { return };
             let ready = core.take_ready();
             if ready.is_empty() {
-                return;
+                break;
             }
             self.persist(id, ready);
+        }
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let quiet_leader = node
+            .core
+            .as_ref()
+            .is_some_and(|c| c.is_quiet() && c.role() == Role::Leader);
+        if quiet_leader && !node.was_quiet {
+            self.stats.quiet_spells += 1;
+            self.note(|| format!("n{id} leads a quiet group"));
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.was_quiet = quiet_leader;
+        }
+    }
+
+    /// Node liveness would notice this change of who is up or reachable:
+    /// every member wakes a little later.
+    fn liveness_changed(&mut self) {
+        if self.f.liveness_oracle {
+            let after = self.rng.random_range(10 * MS..60 * MS);
+            self.schedule(self.now + after, EventKind::Wake);
         }
     }
 
@@ -1049,6 +1097,9 @@ impl Sim {
                 self.schedule(now + timeout, EventKind::ClientWake { client: c });
             }
             Some(_) => {}
+            None if now < self.hush_until && !self.healed => {
+                self.schedule(self.hush_until, EventKind::ClientWake { client: c });
+            }
             None if !self.healed || self.clients[c].issued_after_heal < self.f.ops_after_heal => {
                 let key = self.rng.random_range(0..self.f.keys);
                 let client = &mut self.clients[c];
@@ -1216,6 +1267,15 @@ impl Sim {
                 }
             }
             EventKind::Heal => self.heal(),
+            EventKind::Wake => {
+                let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+                for id in ids {
+                    if let Some(core) = self.core(id) {
+                        core.wake();
+                        self.drive(id);
+                    }
+                }
+            }
         }
     }
 
@@ -1275,6 +1335,7 @@ impl Sim {
                 }
                 self.stats.partitions += 1;
                 self.note(|| format!("partition {side:?} | rest"));
+                self.liveness_changed();
             }
             25..=31 => {
                 // One-way loss.
@@ -1284,6 +1345,7 @@ impl Sim {
                     self.blocked.insert((a, b));
                     self.stats.partitions += 1;
                     self.note(|| format!("one-way cut n{a} -> n{b}"));
+                    self.liveness_changed();
                 }
             }
             32..=39 => {
@@ -1297,11 +1359,20 @@ impl Sim {
                     }
                     self.stats.partitions += 1;
                     self.note(|| format!("isolate leader n{l}"));
+                    self.liveness_changed();
                 }
             }
             40..=54 => {
                 self.blocked.clear();
                 self.note(|| "network healed".into());
+                self.liveness_changed();
+            }
+            88..=91 if self.f.quiesce => {
+                // A quiet spell: no client starts anything for a while, so
+                // the group goes quiet (faults may still strike meanwhile).
+                let spell = self.rng.random_range(300 * MS..1_500 * MS);
+                self.hush_until = self.now + spell;
+                self.note(|| format!("clients hush for {} ms", spell / MS));
             }
             55..=69 if self.f.membership_changes => self.inject_membership_change(),
             70..=79 if self.f.transfers => {
@@ -1416,6 +1487,7 @@ impl Sim {
         self.healed = true;
         self.blocked.clear();
         self.note(|| "HEAL: network repaired, all members restarted, elections resumed".into());
+        self.liveness_changed();
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
             if !self.nodes[&id].up {

@@ -26,13 +26,15 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
                 total.conf_changes_ok += s.conf_changes_ok;
                 total.transfers_ok += s.transfers_ok;
                 total.snapshots_installed += s.snapshots_installed;
+                total.quiet_spells += s.quiet_spells;
             }
             Err(v) => panic!("seed {seed} ({members} members) failed:\n{v}"),
         }
     }
     println!(
         "{count} seeds x {members} members in {:?}: {} operations checked, {} leaders, {} crashes, \
-         {} partitions, {} membership changes, {} transfers, {} snapshots installed",
+         {} partitions, {} membership changes, {} transfers, {} snapshots installed, \
+         {} quiet spells",
         started.elapsed(),
         total.ops_completed,
         total.leaders_elected,
@@ -40,7 +42,8 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
         total.partitions,
         total.conf_changes_ok,
         total.transfers_ok,
-        total.snapshots_installed
+        total.snapshots_installed,
+        total.quiet_spells
     );
     // The runs must have exercised what they claim to.
     assert!(
@@ -49,6 +52,7 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
     );
     assert!(total.crashes > 0 && total.partitions > 0 && total.leaders_elected > count);
     assert!(total.conf_changes_ok > 0 && total.transfers_ok > 0 && total.snapshots_installed > 0);
+    assert!(total.quiet_spells > 0, "no group ever went quiet");
     total
 }
 
