@@ -1271,3 +1271,72 @@ async fn arbitrary_requests_to_every_service_are_answered_and_change_nothing() {
     }
     cl.put(b"after-fuzz", b"1").await.unwrap();
 }
+
+/// The `kuberaft_groups_quiet` gauge of member `i`.
+fn quiet_groups(c: &Cluster, i: usize) -> Option<u64> {
+    let (code, body) = c.http_get(i, "/metrics");
+    if code != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|l| l.strip_prefix("kuberaft_groups_quiet "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_go_quiet_and_elect_fast_when_their_leader_dies() {
+    const GROUPS: usize = 6;
+    let mut c = Cluster::start(3, &[]).await;
+    let names: Vec<String> = (0..GROUPS).map(|g| format!("q{g}")).collect();
+    for n in &names {
+        c.create_group(n, "kv", &c.all()).await;
+        c.client(n, &c.all()).put(b"k", b"before").await.unwrap();
+    }
+    poll("every group quiet on every member", || async {
+        let all = (0..3).all(|i| quiet_groups(&c, i) == Some(GROUPS as u64));
+        all.then_some(())
+    })
+    .await;
+
+    // Kill the member leading the most groups. Quiet followers run no
+    // election timer; the survivors' pings notice the silence and wake them.
+    let mut led = [0usize; 3];
+    for n in &names {
+        led[c.leader(n, &c.all()).await] += 1;
+    }
+    let victim = (0..3).max_by_key(|i| led[*i]).unwrap();
+    let rest: Vec<usize> = c.all().into_iter().filter(|i| *i != victim).collect();
+    let killed = std::time::Instant::now();
+    c.kill(victim);
+    for n in &names {
+        c.leader(n, &rest).await;
+    }
+    let took = killed.elapsed();
+    println!("quiet groups of a killed leader re-elected after {took:?}");
+    // Without liveness the quiet followers would wait out their own
+    // backstop (20 s with these defaults) before an election of 1-2 s.
+    assert!(
+        took < std::time::Duration::from_secs(12),
+        "every group of the dead member had a new leader after {took:?}"
+    );
+    for n in &names {
+        let cl = c.client(n, &rest);
+        assert_eq!(cl.get(b"k").await.unwrap(), Some(Bytes::from("before")));
+        cl.put(b"k", b"after").await.unwrap();
+    }
+
+    // The restarted member learns its leaders from the woken groups, and
+    // everything goes quiet again, on it too.
+    c.restart(victim).await;
+    poll("every group quiet again on every member", || async {
+        let all = (0..3).all(|i| quiet_groups(&c, i) == Some(GROUPS as u64));
+        all.then_some(())
+    })
+    .await;
+    for n in &names {
+        let l = c.leader(n, &c.all()).await;
+        c.caught_up(victim, n, l).await;
+    }
+    let cl = c.client(&names[0], &[victim]);
+    assert_eq!(cl.get(b"k").await.unwrap(), Some(Bytes::from("after")));
+}
