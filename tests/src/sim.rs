@@ -480,7 +480,10 @@ impl Sim {
             if let Some(what) = self.violation.take() {
                 return Err(self.violation_report(what));
             }
-            if self.healed && self.all_clients_done() {
+            // Done once every client finished and a leader stands: an
+            // election (a priority hand-over, say) may be under way at the
+            // moment the last client finishes; it must end within the bound.
+            if self.healed && self.all_clients_done() && self.leader().is_some() {
                 break;
             }
         }
@@ -1652,6 +1655,29 @@ impl Sim {
         }
     }
 
+    /// One line per member that is up: role, term, leader, log, voters.
+    fn member_summary(&self) -> String {
+        let mut s = String::new();
+        for n in self.nodes.values() {
+            if let Some(core) = &n.core {
+                let st = core.status();
+                let _ = write!(
+                    s,
+                    " n{} {:?}{} t{} leader {:?} commit {} last {} voters {:?};",
+                    n.id,
+                    st.role,
+                    if st.quiet { " (quiet)" } else { "" },
+                    st.term,
+                    st.leader,
+                    st.commit_index,
+                    st.last_index,
+                    core.membership().voters.keys().collect::<Vec<_>>()
+                );
+            }
+        }
+        s
+    }
+
     fn check_end(&mut self) -> Result<(), String> {
         if !self.all_clients_done() {
             let mut s =
@@ -1661,23 +1687,7 @@ impl Sim {
                     let _ = write!(s, " client {} call {} {:?};", c.id, p.call, p.op);
                 }
             }
-            let _ = write!(s, " members:");
-            for n in self.nodes.values() {
-                if let Some(core) = &n.core {
-                    let st = core.status();
-                    let _ = write!(
-                        s,
-                        " n{} {:?} t{} leader {:?} commit {} last {} voters {:?};",
-                        n.id,
-                        st.role,
-                        st.term,
-                        st.leader,
-                        st.commit_index,
-                        st.last_index,
-                        core.membership().voters.keys().collect::<Vec<_>>()
-                    );
-                }
-            }
+            let _ = write!(s, " members:{}", self.member_summary());
             return Err(s);
         }
         for (i, payload) in &self.oracle.acked {
@@ -1693,7 +1703,10 @@ impl Sim {
             }
         }
         if self.leader().is_none() {
-            return Err("liveness: no leader after the network healed".into());
+            return Err(format!(
+                "liveness: no leader after the network healed; members:{}",
+                self.member_summary()
+            ));
         }
         check_linearizable(&self.history).map_err(|(key, ops)| {
             let mut s = format!(
