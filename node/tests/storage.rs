@@ -102,6 +102,48 @@ fn t10_segments_roll_on_size_and_on_term_change() {
     assert!(log.segment_count() > 3, "1 KiB segments roll by size");
 }
 
+#[test]
+fn t10_the_open_segment_grows_by_doubling_chunks_of_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogOptions::default();
+    let cap = opts.preallocate_bytes;
+    let mut log = SegmentedLog::open(Arc::new(StdFs), dir.path(), opts, 0).unwrap();
+    let size = |dir: &Path| {
+        std::fs::metadata(dir.join("log_inprogress_1"))
+            .unwrap()
+            .len()
+    };
+    log.append(&[entry(1, 1)]).unwrap();
+    log.sync().unwrap();
+    let first = size(dir.path());
+    assert!(
+        (64 << 10..(64 << 10) + 4096).contains(&first),
+        "one entry costs the smallest chunk (64 KiB past the header), not {cap} bytes: {first}"
+    );
+    // Past 4 MiB of entries the chunks reach their cap and stay there.
+    let mut last = 1;
+    let mut sizes = Vec::new();
+    while sizes.last().is_none_or(|s| *s < 8 << 20) {
+        let batch: Vec<_> = (last + 1..=last + 2_000).map(|i| entry(1, i)).collect();
+        last += 2_000;
+        log.append(&batch).unwrap();
+        log.sync().unwrap();
+        let s = size(dir.path());
+        if sizes.last() != Some(&s) {
+            sizes.push(s);
+        }
+    }
+    let steps: Vec<u64> = sizes.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        steps.iter().all(|s| *s <= cap),
+        "no chunk above the cap: {steps:?}"
+    );
+    assert!(
+        steps.contains(&cap),
+        "large segments grow by the cap: {steps:?}"
+    );
+}
+
 fn list(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()

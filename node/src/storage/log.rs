@@ -37,11 +37,19 @@ use super::{LogStore, StorageError};
 use crate::convert::{entry_from_pb, entry_to_pb};
 use crate::core::{Entry, Index, Term};
 
+/// The first zero-filled chunk of a new open segment.
+pub const MIN_PREALLOCATE_BYTES: u64 = 64 << 10;
+
 /// Tuning of the segmented log.
 #[derive(Clone, Debug)]
 pub struct LogOptions {
     pub segment_size_max_bytes: u64,
-    /// The open segment grows by zero-filled chunks of this size.
+    /// The open segment grows by zero-filled chunks of at most this size.
+    /// Chunks start at [`MIN_PREALLOCATE_BYTES`] and double with the file,
+    /// so that a segment of a few entries (an idle group's, or one cut
+    /// short by a new term) costs kilobytes, not the whole chunk: a node
+    /// with 1,000 groups starting a new term in each would otherwise write
+    /// gigabytes of zeros.
     pub preallocate_bytes: u64,
     /// Appends are buffered up to this size before being written.
     pub write_buffer_bytes: usize,
@@ -475,9 +483,10 @@ impl SegmentedLog {
         let path = self.dir.join(open_name(open.seg.first));
         // Preallocate in chunks so fdatasync rarely changes the file size.
         if open.seg.end > open.allocated {
-            let chunk = self
-                .opts
-                .preallocate_bytes
+            let cap = self.opts.preallocate_bytes.max(1);
+            let chunk = open
+                .allocated
+                .clamp(MIN_PREALLOCATE_BYTES.min(cap), cap)
                 .max(open.seg.end - open.allocated);
             let new_alloc =
                 (open.allocated + chunk).min(self.opts.segment_size_max_bytes.max(open.seg.end));
