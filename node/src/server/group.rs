@@ -621,8 +621,9 @@ impl Group {
         // the instant up to which the core has been told.
         let stride = tick * QUIET_STRIDE_TICKS;
         let mut quiet_since: Option<tokio::time::Instant> = None;
+        let quiet_sleep = tokio::time::sleep(stride);
+        tokio::pin!(quiet_sleep);
         loop {
-            let quiet_wake = quiet_since.map(|t| t + stride);
             let woke = tokio::select! {
                 biased;
                 Some(c) = done.recv() => Woke::Done(c),
@@ -631,8 +632,10 @@ impl Group {
                     None => break,
                 },
                 _ = ticker.tick(), if quiet_since.is_none() => Woke::Tick,
-                _ = tokio::time::sleep_until(quiet_wake.unwrap_or_else(tokio::time::Instant::now)),
-                    if quiet_wake.is_some() => Woke::Tick,
+                _ = &mut quiet_sleep, if quiet_since.is_some() => {
+                    quiet_sleep.as_mut().reset(tokio::time::Instant::now() + stride);
+                    Woke::Tick
+                }
             };
             // Time spent quiet is counted before anything else happens, so
             // that a leader woken by a read judges its lease by real time.
@@ -674,7 +677,11 @@ impl Group {
                 break;
             }
             match (self.core.is_quiet(), quiet_since) {
-                (true, None) => quiet_since = Some(tokio::time::Instant::now()),
+                (true, None) => {
+                    let now = tokio::time::Instant::now();
+                    quiet_since = Some(now);
+                    quiet_sleep.as_mut().reset(now + stride);
+                }
                 (false, Some(_)) => {
                     quiet_since = None;
                     ticker.reset();
