@@ -1370,7 +1370,7 @@ impl Sim {
                 self.note(|| "network healed".into());
                 self.liveness_changed();
             }
-            88..=91 if self.f.quiesce => {
+            96..=99 if self.f.quiesce => {
                 // A quiet spell: no client starts anything for a while, so
                 // the group goes quiet (faults may still strike meanwhile).
                 let spell = self.rng.random_range(300 * MS..1_500 * MS);
