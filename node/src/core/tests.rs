@@ -1061,6 +1061,16 @@ fn quiet(net: &Net) -> Vec<NodeId> {
         .collect()
 }
 
+/// Three members, n1 leading, "a" written, then idle until all are quiet.
+fn quiet_group() -> Net {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(30);
+    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    net
+}
+
 #[test]
 fn t90_an_idle_group_goes_quiet_and_a_write_wakes_it() {
     let mut net = Net::new(3);
@@ -1093,11 +1103,7 @@ fn t90_an_idle_group_goes_quiet_and_a_write_wakes_it() {
 #[test]
 fn t90_quiet_followers_of_a_dead_leader_elect_once_woken_or_after_their_long_timeout() {
     for woken in [true, false] {
-        let mut net = Net::new(3);
-        net.elect(1);
-        net.propose(1, "a");
-        net.tick_all(30);
-        assert_eq!(quiet(&net), vec![1, 2, 3]);
+        let mut net = quiet_group();
         let term = net.nodes[&1].term();
         net.crash(1);
         net.tick_all(100);
@@ -1165,11 +1171,7 @@ fn t90_a_lagging_follower_keeps_the_group_awake_until_it_caught_up() {
 
 #[test]
 fn t90_a_restarted_follower_wakes_the_quiet_leader_without_disturbing_it() {
-    let mut net = Net::new(3);
-    net.elect(1);
-    net.propose(1, "a");
-    net.tick_all(30);
-    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    let mut net = quiet_group();
     let term = net.nodes[&1].term();
     net.crash(3);
     net.start(3, cfg(3));
@@ -1218,11 +1220,7 @@ fn t90_reads_and_changes_wake_a_quiet_leader_and_are_served_normally() {
 
 #[test]
 fn t90_tick_by_on_a_quiet_member_is_many_ticks_at_once() {
-    let mut net = Net::new(3);
-    net.elect(1);
-    net.propose(1, "a");
-    net.tick_all(30);
-    assert_eq!(quiet(&net), vec![1, 2, 3]);
+    let mut net = quiet_group();
     net.crash(1);
     // The quiet follower's backstop timeout (200 ticks, counted from its
     // last quiet heartbeat less than 30 ticks ago) passes in one call.
