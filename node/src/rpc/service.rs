@@ -103,6 +103,12 @@ impl Services {
 impl RaftServerProtocolService for Services {
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
         let r = req.into_inner();
+        if r.from == 0 || r.from == self.node.id {
+            return Err(Status::invalid_argument(format!(
+                "ping from member {}: the sender must be another member (a non-zero id that is not this node's)",
+                r.from
+            )));
+        }
         let incarnation = self.node.transport().pinged(r.from, r.incarnation);
         Ok(Response::new(pb::PingReply {
             server_id: self.node.id,

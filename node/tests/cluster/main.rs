@@ -645,6 +645,28 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         .await
         .unwrap_err();
     assert!(e.message().contains("stale"), "{}", e.message());
+    // Pings: from no member, or from this member itself, are refused; a
+    // real peer's gets this node's incarnation.
+    for from in [0, c.members[0].id] {
+        let e = peer
+            .ping(pb::PingRequest {
+                from,
+                incarnation: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    }
+    let pong = peer
+        .ping(pb::PingRequest {
+            from: 777,
+            incarnation: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pong.server_id, c.members[0].id);
+    assert_ne!(pong.incarnation, 0);
     // A snapshot stream that lies about its files.
     let bad = pb::InstallSnapshotRequest {
         group_id: gid("default"),
