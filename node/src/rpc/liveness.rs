@@ -93,7 +93,8 @@ impl Liveness {
     }
 
     /// Whether `peer` is taken for alive (unknown peers are not).
-    pub fn is_alive(&self, peer: NodeId) -> bool {
+    #[cfg(test)]
+    fn is_alive(&self, peer: NodeId) -> bool {
         self.peers.get(&peer).is_some_and(|s| s.alive)
     }
 }
