@@ -24,9 +24,21 @@ pub struct Config {
     /// `election_timeout_min_ticks` steps down.
     pub check_quorum: bool,
     /// Serve linearizable reads without a heartbeat round while a quorum
-    /// acknowledged the leader less than `lease_ticks` ago. Only safe when
-    /// clocks of members drift apart by less than the gap between
-    /// `lease_ticks` and `election_timeout_min_ticks`.
+    /// acknowledged the leader less than `lease_ticks` ago, counted from the
+    /// start of the acknowledged round.
+    ///
+    /// Why that is safe, and the assumption it rests on: a follower that
+    /// acknowledged the round refuses to help elect anyone else for
+    /// `election_timeout_min_ticks` of its own ticks after it received it;
+    /// counted in whole ticks that is at least `min − 1` tick lengths of its
+    /// real time. The shell derives ticks from a monotonic clock (no tick is
+    /// ever lost or invented), so the lease covers at most `lease_ticks` tick
+    /// lengths of the leader's real time. The lease is therefore safe while
+    /// the two clocks' rates differ by less than
+    /// `(min − 1 − lease) / (min − 1 + lease)`: 12.5% with the defaults
+    /// (min 10, lease 7). `validate()` refuses a lease with less than one
+    /// tick of margin (`lease_ticks > min − 2`). Message delays shorten the
+    /// lease, never lengthen it: it starts when the round was sent.
     pub leader_lease: bool,
     pub lease_ticks: u64,
     /// Replication pipeline bounds per follower.
@@ -113,9 +125,14 @@ impl Config {
                  (the spread is what breaks split votes)",
             ));
         }
-        if self.leader_lease && self.lease_ticks >= self.election_timeout_min_ticks {
+        if self.leader_lease
+            && (self.lease_ticks == 0 || self.lease_ticks + 2 > self.election_timeout_min_ticks)
+        {
             return Err(Invalid(
-                "lease_ticks must be below election_timeout_min_ticks, with margin for clock drift",
+                "lease_ticks must be at least 1 and at most election_timeout_min_ticks - 2: \
+                 a follower's stickiness is only known to last min - 1 ticks, and the \
+                 lease needs a tick of margin for clock drift (raise the election \
+                 timeout or turn the lease off)",
             ));
         }
         if self.max_inflight_appends == 0
@@ -176,6 +193,17 @@ mod tests {
         c.leader_lease = true;
         c.lease_ticks = 10;
         assert!(c.validate().is_err());
+        // min − 1 is the whole stickiness window: no margin left for drift.
+        c.lease_ticks = c.election_timeout_min_ticks - 1;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("margin")));
+        c.lease_ticks = c.election_timeout_min_ticks - 2;
+        c.validate().unwrap();
+        // A short election timeout leaves no room for a lease at all.
+        c.election_timeout_min_ticks = 3;
+        c.election_timeout_max_ticks = 6;
+        c.heartbeat_interval_ticks = 1;
+        c.lease_ticks = c.election_timeout_min_ticks * 7 / 10;
+        assert!(c.validate().is_err(), "min 3 gives a lease of min - 1");
         assert_eq!(Config::new(0).validate(), Err(ConfigError::ZeroId));
     }
 }

@@ -60,6 +60,8 @@ pub enum TransferError {
     MembershipChanging,
     #[error("target {target} did not take over within the timeout; leadership kept")]
     Timeout { target: NodeId },
+    #[error("target {target} did not take over: member {leader} leads instead")]
+    OtherLeader { target: NodeId, leader: NodeId },
 }
 
 /// How a transfer ended well.

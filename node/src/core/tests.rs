@@ -1239,3 +1239,286 @@ fn t90_tick_by_on_a_quiet_member_is_many_ticks_at_once() {
     assert_eq!(net.delivered.len(), 4, "one quiet heartbeat round, not ten");
     assert_eq!(quiet(&net), vec![1, 2, 3]);
 }
+
+// --------------------------------------------------------------------------
+// Regressions from the review of the core's edges: transfer and the lease,
+// membership edges, restarts after a snapshot, and what peers may send.
+// --------------------------------------------------------------------------
+
+fn is_vote_request(env: &Envelope) -> bool {
+    matches!(env.msg, Message::RequestVote(_))
+}
+
+#[test]
+fn t50_once_start_election_left_the_old_leader_serves_no_lease_read_in_that_term() {
+    let mut net = Net::with_config(3, |c| c.leader_lease = true);
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(2);
+    // n2 gets the StartElection and campaigns, but its votes go nowhere, so
+    // the transfer times out. Its campaign could still win later (a vote
+    // request held up in the network), so n1 must not trust old acks.
+    net.filter = Some(Box::new(|_, env| !(env.from == 2 && is_vote_request(env))));
+    net.blocked.insert((2, 1));
+    net.core(1).transfer_leadership(Some(2), 6).unwrap();
+    net.flush();
+    assert_eq!(
+        net.nodes[&2].role(),
+        Role::Candidate,
+        "n2 got StartElection"
+    );
+    net.tick_all(7);
+    assert_eq!(
+        transfer_done(&net.take_events(1)),
+        Some(Err(TransferError::Timeout { target: 2 }))
+    );
+    assert_eq!(net.leaders(), vec![1]);
+    net.core(1).read_index(5);
+    let ready = net.core(1).take_ready();
+    assert!(
+        read_ready(&ready.events, 5).is_none(),
+        "no lease read after StartElection left in this term"
+    );
+    // A full round still serves it.
+    net.queue.extend(ready.messages);
+    net.tick_all(2);
+    assert!(read_ready(&net.take_events(1), 5).is_some());
+}
+
+#[test]
+fn t50_a_transfer_is_reported_done_only_when_its_target_leads() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    // n2 campaigns on StartElection; n1 steps down on its vote request, but
+    // neither n1's nor n3's grant reaches n2, so n2 cannot win.
+    net.filter = Some(Box::new(|_, env| {
+        !(env.to == 2 && matches!(env.msg, Message::RequestVoteReply(_)))
+    }));
+    net.core(1).transfer_leadership(Some(2), 40).unwrap();
+    net.flush();
+    assert_ne!(net.nodes[&1].role(), Role::Leader, "n1 stepped down");
+    assert_eq!(
+        transfer_done(&net.take_events(1)),
+        None,
+        "stepping down is not success: n2 is not leader"
+    );
+    net.filter = None;
+    net.core(2).set_elections_paused(true);
+    for _ in 0..200 {
+        if !net.leaders().is_empty() {
+            break;
+        }
+        net.tick_all(1);
+    }
+    let leaders = net.leaders();
+    assert_eq!(leaders.len(), 1);
+    assert_ne!(leaders[0], 2);
+    // The answer comes once another leader is known, or by the deadline.
+    net.tick_all(45);
+    assert!(
+        matches!(
+            transfer_done(&net.take_events(1)),
+            Some(Err(TransferError::OtherLeader { target: 2, .. }))
+                | Some(Err(TransferError::Timeout { target: 2 }))
+        ),
+        "a transfer that ended with another leader is a failure"
+    );
+}
+
+#[test]
+fn t50_step_down_is_reported_done_when_another_member_leads() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.core(1).transfer_leadership(None, 20).unwrap();
+    net.tick_all(3);
+    let leaders = net.leaders();
+    assert_eq!(leaders.len(), 1);
+    assert_ne!(leaders[0], 1);
+    let done = transfer_done(&net.take_events(1)).expect("reported");
+    assert_eq!(done.unwrap().target, leaders[0]);
+}
+
+#[test]
+fn t50_a_paused_member_ignores_start_election() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    net.core(2).set_elections_paused(true);
+    net.core(1).transfer_leadership(Some(2), 10).unwrap();
+    net.tick_all(3);
+    assert_eq!(net.leaders(), vec![1], "paused n2 did not campaign");
+    assert_eq!(net.nodes[&2].role(), Role::Follower);
+}
+
+/// A five-member group whose highest-priority voter n2 hears the leader but
+/// cannot reach n3-n5, so it can never win: the hand-over fails every time.
+#[test]
+fn t50_a_failing_priority_hand_over_backs_off_and_the_group_stays_available() {
+    let mut m = Membership::with_voters((1..=5).map(PeerInfo::new));
+    m.voters.get_mut(&2).unwrap().priority = 10;
+    let mut net = Net::with_membership(m, 1..=5);
+    net.elect(1);
+    let cut_off = |a: NodeId, b: NodeId| (a == 2 && b >= 3) || (b == 2 && a >= 3);
+    net.filter = Some(Box::new(move |_, env| !cut_off(env.from, env.to)));
+    let (mut writable, total) = (0, 3000);
+    for _ in 0..total {
+        net.tick_all(1);
+        let leaders = net.leaders();
+        // Writes are refused while a hand-over runs; probing with a
+        // proposal would itself keep n2 from ever being caught up.
+        if let [l] = leaders[..]
+            && !net.nodes[&l].status().transferring
+        {
+            writable += 1;
+        }
+    }
+    assert!(
+        writable * 10 >= total * 8,
+        "writes were accepted in only {writable} of {total} ticks"
+    );
+}
+
+#[test]
+fn t40_a_removed_member_gets_the_final_configuration_and_stops_campaigning() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    let req = ConfChangeRequest {
+        mode: ConfChangeMode::SetUnconditionally,
+        voters: vec![PeerInfo::new(1), PeerInfo::new(2)],
+        listeners: vec![],
+    };
+    net.core(1).change_membership(req).unwrap();
+    net.tick_all(5);
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    let m3 = net.nodes[&3].membership().clone();
+    assert!(!m3.is_joint(), "n3 got the final configuration: {m3:?}");
+    assert!(!m3.voters.contains_key(&3));
+    assert!(net.nodes[&3].status().removed, "n3 knows it is out");
+    net.delivered.clear();
+    net.tick_all(100);
+    assert!(
+        !net.delivered
+            .iter()
+            .any(|e| e.from == 3 && is_vote_request(e)),
+        "a removed member never campaigns"
+    );
+    assert_eq!(net.leaders(), vec![1]);
+}
+
+#[test]
+fn t70_a_restart_after_a_snapshot_whose_term_was_not_durable_takes_its_term() {
+    let m = Membership::with_voters((1..=3).map(PeerInfo::new));
+    let snapshot = SnapshotMeta {
+        index: 5,
+        term: 4,
+        membership: m.clone(),
+    };
+    let hs = HardState {
+        term: 2,
+        voted_for: Some(1),
+    };
+    let mut core = RaftCore::new(cfg(3), hs, snapshot, Vec::new()).unwrap();
+    assert_eq!(core.term(), 4, "a snapshot of term 4 proves term 4 began");
+    // A stale leader of term 3 is refused.
+    let stale = AppendEntries {
+        term: 3,
+        prev_index: 5,
+        prev_term: 4,
+        entries: vec![Entry {
+            term: 3,
+            index: 6,
+            payload: EntryPayload::Noop,
+        }],
+        leader_commit: 6,
+        round: 1,
+        quiesce: false,
+    };
+    core.step(1, Message::AppendEntries(stale));
+    assert_eq!(core.log().last_index(), 5, "the stale append did not pass");
+    let ready = core.take_ready();
+    assert_eq!(
+        ready.hard_state.map(|h| h.term),
+        Some(4),
+        "the term is persisted"
+    );
+}
+
+#[test]
+fn t20_a_stale_pre_vote_grant_is_not_counted() {
+    let mut net = Net::new(3);
+    net.cut.insert(1);
+    for _ in 0..40 {
+        net.tick_all(1);
+        if net.nodes[&1].role() == Role::PreCandidate {
+            break;
+        }
+    }
+    assert_eq!(net.nodes[&1].role(), Role::PreCandidate);
+    let term = net.nodes[&1].term();
+    // Grants from a pre-vote round of an earlier term.
+    for from in [2, 3] {
+        let reply = RequestVoteReply {
+            term,
+            pre_vote: true,
+            refusal: None,
+        };
+        net.core(1).step(from, Message::RequestVoteReply(reply));
+    }
+    assert_eq!(net.nodes[&1].role(), Role::PreCandidate);
+    assert_eq!(net.nodes[&1].term(), term);
+}
+
+#[test]
+fn t60_a_read_index_reply_from_an_earlier_term_fails_the_read_instead_of_hanging() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a");
+    let term = net.nodes[&3].term();
+    net.blocked.insert((1, 3));
+    net.core(3).read_index(9);
+    net.flush();
+    // n1 is re-elected in a later term before its answer reaches n3.
+    let reply = net
+        .delivered
+        .iter()
+        .rev()
+        .find(|e| e.to == 3 && matches!(e.msg, Message::ReadIndexReply(_)));
+    assert!(reply.is_none(), "the reply was held back");
+    let held = net.core(1).take_ready();
+    let mut answer = None;
+    for env in held.messages.into_iter().chain(held.persisted_messages) {
+        if env.to == 3 && matches!(env.msg, Message::ReadIndexReply(_)) {
+            answer = Some(env.msg);
+        }
+    }
+    let answer = answer.unwrap_or_else(|| {
+        Message::ReadIndexReply(ReadIndexReply {
+            term,
+            ctx: 9,
+            result: Ok(net.commit(1)),
+        })
+    });
+    let commit = net.commit(3);
+    let heartbeat = AppendEntries {
+        term: term + 1,
+        prev_index: commit,
+        prev_term: net.nodes[&3].log().term(commit).unwrap(),
+        entries: vec![],
+        leader_commit: commit,
+        round: 99,
+        quiesce: false,
+    };
+    net.core(3).step(1, Message::AppendEntries(heartbeat));
+    assert_eq!(net.nodes[&3].leader(), Some(1));
+    net.core(3).step(1, answer);
+    let events = net.core(3).take_ready().events;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ReadFailed { ctx: 9, .. })),
+        "the read is answered, not left hanging: {events:?}"
+    );
+}

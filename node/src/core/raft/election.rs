@@ -4,13 +4,13 @@
 //! from a live leader helps elect nobody else unless the leader ordered it
 //! (transfer). Ceasing to lead answers everything the leader was holding.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use rand::Rng;
 
 use super::membership::leave_joint;
 use super::{ConfChange, ConfPhase, LeaderState, Progress, RaftCore};
-use crate::core::error::{ConfChangeError, ReadError, Transferred};
+use crate::core::error::{ConfChangeError, ReadError};
 use crate::core::message::{Message, RequestVote, RequestVoteReply, VoteRefusal};
 use crate::core::ready::Event;
 use crate::core::types::{EntryPayload, NodeId, Role, Term};
@@ -173,7 +173,9 @@ impl RaftCore {
 
     pub(super) fn handle_vote_reply(&mut self, from: NodeId, m: RequestVoteReply) {
         let expected = match self.role {
-            Role::PreCandidate => m.pre_vote,
+            // A grant names the term it was asked for: one from an earlier
+            // pre-vote round does not count towards this one.
+            Role::PreCandidate => m.pre_vote && (!m.granted() || m.term == self.term + 1),
             Role::Candidate => !m.pre_vote && m.term == self.term,
             _ => false,
         };
@@ -207,6 +209,7 @@ impl RaftCore {
         }
         if leader.is_some() {
             self.leader_contact_elapsed = 0;
+            self.settle_transfer_outcome(leader);
         }
         self.reset_election_timer();
     }
@@ -227,14 +230,9 @@ impl RaftCore {
                 .events
                 .push(Event::ConfChangeDone(Err(ConfChangeError::LeaderChanged)));
         }
-        if let Some(t) = ls.transfer
-            && t.notify
-        {
-            let done = Transferred {
-                term: self.term,
-                target: t.target,
-            };
-            self.out.events.push(Event::TransferDone(Ok(done)));
+        if let Some(t) = ls.transfer {
+            // Stepping down is not success: that is the target leading.
+            self.transfer_pending_outcome(t);
         }
     }
 
@@ -280,7 +278,10 @@ impl RaftCore {
             transfer: None,
             broadcast_pending: true,
             quiesce_round: None,
+            start_election_sent: false,
+            departing: BTreeMap::new(),
         });
+        self.settle_transfer_outcome(Some(self.id));
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
         self.append_entry(EntryPayload::Noop);

@@ -83,6 +83,11 @@ pub struct Status {
     pub snapshot_index: Index,
     pub durable_index: Index,
     pub elections_paused: bool,
+    /// In the configuration in force (as a voter or listener).
+    pub member: bool,
+    /// Was a member here and the configuration in force left it out: it
+    /// takes no part any more and may be shut down.
+    pub removed: bool,
     pub quiet: bool,
     pub transferring: bool,
     pub changing_membership: bool,
@@ -153,6 +158,30 @@ struct Transfer {
     target: NodeId,
     deadline: u64,
     notify: bool,
+    /// Asked for by step-down (no target named): any other leader is success.
+    any: bool,
+}
+
+/// A transfer whose leader stepped down: its outcome is known only once the
+/// next leader is, or when the transfer's deadline passes.
+#[derive(Clone, Copy, Debug)]
+struct TransferOutcome {
+    target: NodeId,
+    any: bool,
+    notify: bool,
+    /// Term in which this member stopped leading (reported on success).
+    term: Term,
+    deadline: u64,
+}
+
+/// Back-off of automatic hand-overs to a higher-priority voter. Kept across
+/// terms: a voter that cannot win fails every hand-over, whoever leads.
+#[derive(Clone, Copy, Debug, Default)]
+struct HandOverBackoff {
+    /// Hand-overs that failed in a row.
+    failures: u32,
+    /// No automatic hand-over before this tick.
+    not_before: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -183,6 +212,14 @@ struct LeaderState {
     /// The round of the quiesce heartbeat that nothing has followed yet:
     /// replies to it with `quiet` count towards the group going quiet.
     quiesce_round: Option<u64>,
+    /// A StartElection left in this term: its target may win a later term
+    /// with votes that ignore our leadership, so no lease for the rest of
+    /// this term, even if the transfer times out.
+    start_election_sent: bool,
+    /// Members leaving the group: replicated to until they hold the final
+    /// configuration that removes them (so they learn they are out), or
+    /// until the tick given here.
+    departing: BTreeMap<NodeId, (Index, u64)>,
 }
 
 /// A taken Ready whose writes are not yet durable.
@@ -217,6 +254,8 @@ pub struct RaftCore {
     leader_contact_elapsed: u64,
     heartbeat_elapsed: u64,
     elections_paused: bool,
+    /// Was in a configuration in force since it started (see `Status::removed`).
+    was_member: bool,
     /// Idle and quiet (see `Config::quiesce`): a quiet follower runs no
     /// election timer, a quiet leader sends only the rare quiet heartbeat
     /// and does not check its quorum.
@@ -228,6 +267,10 @@ pub struct RaftCore {
     active_at: u64,
     votes: BTreeMap<NodeId, bool>,
     leader_state: Option<LeaderState>,
+    /// The outcome of a transfer this member stepped down for, owed to the
+    /// shell once the next leader is known.
+    transfer_outcome: Option<TransferOutcome>,
+    hand_over: HandOverBackoff,
     /// Last index handed to the shell to apply.
     apply_cursor: Index,
     applied: Index,
@@ -255,11 +298,22 @@ impl RaftCore {
         let randomized_timeout =
             rng.random_range(cfg.election_timeout_min_ticks..cfg.election_timeout_max_ticks);
         let applied = snapshot.index;
+        // A snapshot or an entry of term T proves T began, even when a crash
+        // came between storing them and storing the hard state that raised
+        // the term: starting below T would let a stale leader's append pass.
+        // No vote was ever sent in a term that was not durable, so a raised
+        // term starts with none.
+        let seen = snapshot.term.max(entries.last().map_or(0, |e| e.term));
+        let (term, voted_for) = if seen > hard_state.term {
+            (seen, None)
+        } else {
+            (hard_state.term, hard_state.voted_for)
+        };
         Ok(RaftCore {
             id: cfg.id,
-            term: hard_state.term,
-            voted_for: hard_state.voted_for,
-            hard_state_dirty: false,
+            term,
+            voted_for,
+            hard_state_dirty: term != hard_state.term,
             durable_term: hard_state.term,
             role: Role::Follower,
             leader: None,
@@ -276,6 +330,9 @@ impl RaftCore {
             active_at: 0,
             votes: BTreeMap::new(),
             leader_state: None,
+            was_member: false,
+            transfer_outcome: None,
+            hand_over: HandOverBackoff::default(),
             apply_cursor: applied,
             applied,
             remote_reads: BTreeSet::new(),
@@ -334,6 +391,8 @@ impl RaftCore {
             snapshot_index: self.log.snapshot_index(),
             durable_index: self.log.durable(),
             elections_paused: self.elections_paused,
+            member: self.membership().contains(self.id),
+            removed: self.was_member && !self.membership().contains(self.id),
             quiet: self.quiet,
             transferring: ls.is_some_and(|l| l.transfer.is_some()),
             changing_membership: ls.is_some_and(|l| l.conf_change.is_some()),
@@ -421,6 +480,7 @@ impl RaftCore {
             self.tick_leader();
             return;
         }
+        self.settle_transfer_outcome(None);
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_timeout {
             self.reset_election_timer();
@@ -452,12 +512,21 @@ impl RaftCore {
             && now >= t.deadline
         {
             let t = self.ls().transfer.take().expect("checked");
-            if t.notify {
-                let err = TransferError::Timeout { target: t.target };
-                self.out.events.push(Event::TransferDone(Err(err)));
-            }
+            self.transfer_timed_out(t);
         }
         self.check_staging_timeout();
+        // Departing members that cannot be reached are not waited for.
+        let ls = self.ls();
+        let expired: Vec<NodeId> = ls
+            .departing
+            .iter()
+            .filter(|(_, (_, until))| now >= *until)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            ls.departing.remove(&id);
+            ls.progress.remove(&id);
+        }
         let (retransmit, snapshot_timeout) =
             (self.cfg.retransmit_ticks, self.cfg.snapshot_timeout_ticks);
         for pr in self.ls().progress.values_mut() {
@@ -581,6 +650,7 @@ impl RaftCore {
                     return;
                 }
                 Message::ReadIndex(_) => {}
+                Message::ReadIndexReply(m) => return self.handle_stale_read_index_reply(m),
                 _ => return,
             }
         }
@@ -599,6 +669,7 @@ impl RaftCore {
 
     /// Collects everything the shell must do now. See `ready.rs`.
     pub fn take_ready(&mut self) -> Ready {
+        self.was_member |= self.membership().contains(self.id);
         self.flush_leader();
         let mut ready = std::mem::take(&mut self.out);
         if self.hard_state_dirty {

@@ -72,7 +72,7 @@ impl RaftCore {
         let Some(ls) = &self.leader_state else {
             return false;
         };
-        if !self.cfg.leader_lease || ls.transfer.is_some() {
+        if !self.cfg.leader_lease || ls.transfer.is_some() || ls.start_election_sent {
             return false;
         }
         let start = self.membership().quorum_index(|id| {
@@ -139,6 +139,17 @@ impl RaftCore {
                     leader: self.leader,
                 }),
             );
+        }
+    }
+
+    /// An answer from a term this member has left: the read it answers is
+    /// failed (the client retries) rather than left waiting forever.
+    pub(super) fn handle_stale_read_index_reply(&mut self, m: ReadIndexReply) {
+        if self.remote_reads.remove(&m.ctx) {
+            self.out.events.push(Event::ReadFailed {
+                ctx: m.ctx,
+                error: ReadError::LeaderChanged,
+            });
         }
     }
 

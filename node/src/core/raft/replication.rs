@@ -102,6 +102,8 @@ impl RaftCore {
         let members: BTreeSet<NodeId> = self.membership().members().collect();
         let next = self.log.last_index() + 1;
         let id = self.id;
+        let (now, depart_ticks) = (self.now, self.cfg.staging_timeout_ticks * 2);
+        let removal = self.log.membership_index();
         let ls = self.ls();
         let staged: BTreeSet<NodeId> = match &ls.conf_change {
             Some(ConfChange {
@@ -110,8 +112,25 @@ impl RaftCore {
             }) => staged.clone(),
             _ => BTreeSet::new(),
         };
-        ls.progress
-            .retain(|p, _| members.contains(p) || staged.contains(p));
+        // A member the new configuration leaves out is still sent the log
+        // until it holds the entry that removes it: otherwise it would never
+        // learn it is out, and would go on campaigning in the old one.
+        for p in ls.progress.keys() {
+            if !members.contains(p) && !staged.contains(p) {
+                ls.departing
+                    .entry(*p)
+                    .or_insert((removal, now + depart_ticks));
+            }
+        }
+        ls.departing.retain(|p, _| !members.contains(p));
+        let departing = &mut ls.departing;
+        ls.progress.retain(|p, pr| {
+            members.contains(p)
+                || staged.contains(p)
+                || departing.get(p).is_some_and(|(at, _)| pr.match_index < *at)
+        });
+        let progress = &ls.progress;
+        departing.retain(|p, _| progress.contains_key(p));
         for m in members {
             if m != id {
                 ls.progress.entry(m).or_insert_with(|| Progress::new(next));
@@ -300,6 +319,18 @@ impl RaftCore {
                 if progressed {
                     self.maybe_commit();
                     self.check_staging();
+                    // (Committing may have ended this member's leadership:
+                    // a leader that removed itself steps down.)
+                    if let Some(ls) = self.leader_state.as_mut()
+                        && ls
+                            .departing
+                            .get(&from)
+                            .is_some_and(|(at, _)| m.match_index >= *at)
+                    {
+                        // It holds the entry that removes it: done with it.
+                        ls.departing.remove(&from);
+                        ls.progress.remove(&from);
+                    }
                 }
                 self.maybe_start_election_at_target(from);
                 self.send_append(from);
