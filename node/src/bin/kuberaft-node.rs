@@ -164,6 +164,7 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         retry_ttl_ms: a.retry_ttl_ms,
         max_pending_requests: a.max_pending_requests,
         max_pending_bytes: a.max_pending_bytes,
+        stall_threshold: Duration::from_millis(a.stall_threshold_ms),
         ..GroupOptions::default()
     };
     let mut storage = GroupStorageOptions::default();
@@ -173,7 +174,6 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         advertise,
         group,
         storage,
-        stall_threshold: Duration::from_millis(a.stall_threshold_ms),
         log_threads: a.log_threads.max(1),
     })
 }

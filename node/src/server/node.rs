@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -46,8 +45,6 @@ pub struct NodeOptions {
     pub advertise: String,
     pub group: GroupOptions,
     pub storage: GroupStorageOptions,
-    /// A runtime stall longer than this makes every leader step down.
-    pub stall_threshold: Duration,
     /// Threads writing the groups' logs (see `storage::LogPool`).
     pub log_threads: usize,
 }
@@ -183,7 +180,6 @@ impl Node {
             };
             node.start_group(gid, &dir, &sm)?;
         }
-        node.clone().spawn_stall_monitor();
         Ok(node)
     }
 
@@ -338,35 +334,6 @@ impl Node {
         for t in tasks {
             let _ = t.await;
         }
-    }
-
-    /// The tokio counterpart of Ratis's JvmPauseMonitor: a task that sleeps
-    /// a short interval and measures how late it wakes. A stall longer than
-    /// the threshold means this process was not running (a stopped process,
-    /// a starved machine): followers may have elected a new leader meanwhile
-    /// and a lease may have run out, so every leader steps down.
-    fn spawn_stall_monitor(self: Arc<Self>) {
-        let threshold = self.opts.stall_threshold;
-        let weak = Arc::downgrade(&self);
-        drop(self);
-        tokio::spawn(async move {
-            let interval = Duration::from_millis(100);
-            loop {
-                let start = Instant::now();
-                tokio::time::sleep(interval).await;
-                let late = start.elapsed().saturating_sub(interval);
-                let Some(node) = weak.upgrade() else { return };
-                if late > threshold {
-                    tracing::warn!(
-                        stall_ms = late.as_millis() as u64,
-                        "runtime stalled; leaders step down"
-                    );
-                    for g in node.groups() {
-                        let _ = g.tx.try_send(GroupMsg::StepDown);
-                    }
-                }
-            }
-        });
     }
 }
 

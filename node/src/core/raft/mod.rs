@@ -34,11 +34,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::config::{Config, StartError};
-use super::error::TransferError;
 use super::log::RaftLog;
 use super::membership::{Membership, PeerInfo};
 use super::message::*;
-use super::ready::{Event, Ready};
+use super::ready::Ready;
 use super::types::*;
 
 mod election;

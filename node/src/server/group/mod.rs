@@ -50,6 +50,7 @@ use crate::storage::{
     LogPool, LogWorker, RecoveredGroup, SnapshotStore, SyncObserver, WorkerState,
 };
 
+mod clock;
 mod ready;
 mod requests;
 mod run;
@@ -77,6 +78,9 @@ pub struct GroupOptions {
     pub max_pending_bytes: u64,
     /// How long a leader waits for a transferee when the node shuts down.
     pub shutdown_transfer_timeout: Duration,
+    /// The group's task woke this much later than it meant to: the process
+    /// was not running, so a leader steps down (see `clock.rs`).
+    pub stall_threshold: Duration,
 }
 
 impl Default for GroupOptions {
@@ -93,6 +97,7 @@ impl Default for GroupOptions {
             max_pending_requests: 8192,
             max_pending_bytes: 64 << 20,
             shutdown_transfer_timeout: Duration::from_secs(3),
+            stall_threshold: Duration::from_secs(1),
         }
     }
 }
@@ -244,8 +249,6 @@ pub enum GroupMsg {
     SnapshotFailed {
         to: NodeId,
     },
-    /// The runtime stalled: a leader must not trust its lease or its view.
-    StepDown,
     /// Node liveness: `peer` stopped answering, or answered again after a
     /// silence or a restart. A quiet group with that member wakes up.
     PeerChanged {

@@ -129,7 +129,6 @@ impl Group {
                 self.sending_snapshot.remove(&to);
                 self.core.report_snapshot_failure(to);
             }
-            GroupMsg::StepDown => self.core.step_down(),
             GroupMsg::PeerChanged { peer } => {
                 if self.core.is_quiet() && self.core.membership().members().any(|m| m == peer) {
                     self.core.wake();

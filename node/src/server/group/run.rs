@@ -1,18 +1,16 @@
 //! The group task's loop: wait for a storage completion, an inbox message or
-//! a tick, handle everything queued, then drain the core's Readies and
-//! publish the view. A quiet group is woken in strides and its core told the
-//! ticks that went by before anything else, so leases and timers follow real
-//! time. However the loop ends, every client still waiting gets an answer.
+//! the clock's next deadline; tell the core the ticks that went by (from the
+//! monotonic clock, see `clock.rs`) before anything else, handle everything
+//! queued, then drain the core's Readies and publish the view. However the
+//! loop ends, every client still waiting gets an answer.
 
 use tokio::sync::mpsc;
 
+use super::clock::Clock;
 use super::{AdminError, ClientError, Group, GroupMsg, blocking};
 use crate::storage::Completion;
 
 const MAX_BATCH: usize = 1024;
-/// A quiet group's task wakes once per this many ticks (a second on the
-/// default 50 ms tick) instead of every tick.
-const QUIET_STRIDE_TICKS: u32 = 20;
 
 /// Why the group's task woke.
 enum Woke {
@@ -27,17 +25,14 @@ impl Group {
         mut inbox: mpsc::Receiver<GroupMsg>,
         mut done: mpsc::UnboundedReceiver<Completion>,
     ) {
-        let tick = self.opts.tick;
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A quiet group is not ticked every tick: it sleeps for a stride and
-        // its core is then told how many ticks went by. `quiet_since` is
-        // the instant up to which the core has been told.
-        let stride = tick * QUIET_STRIDE_TICKS;
-        let mut quiet_since: Option<tokio::time::Instant> = None;
-        let quiet_sleep = tokio::time::sleep(stride);
-        tokio::pin!(quiet_sleep);
+        let now = tokio::time::Instant::now();
+        let mut clock = Clock::new(self.opts.tick, self.opts.stall_threshold, now);
+        let sleep = tokio::time::sleep_until(clock.next_deadline());
+        tokio::pin!(sleep);
         loop {
+            // Completions and messages first: under a flood the deadline may
+            // never win the select, which costs no tick (the clock counts
+            // them whatever woke the task).
             let woke = tokio::select! {
                 biased;
                 Some(c) = done.recv() => Woke::Done(c),
@@ -45,20 +40,20 @@ impl Group {
                     Some(m) => Woke::Msg(m),
                     None => break,
                 },
-                _ = ticker.tick(), if quiet_since.is_none() => Woke::Tick,
-                _ = &mut quiet_sleep, if quiet_since.is_some() => {
-                    quiet_sleep.as_mut().reset(tokio::time::Instant::now() + stride);
-                    Woke::Tick
-                }
+                _ = &mut sleep => Woke::Tick,
             };
-            // Time spent quiet is counted before anything else happens, so
-            // that a leader woken by a read judges its lease by real time.
-            if let Some(since) = quiet_since {
-                let ticks = (since.elapsed().as_nanos() / tick.as_nanos().max(1)) as u32;
-                if ticks > 0 {
-                    self.core.tick_by(u64::from(ticks));
-                    quiet_since = Some(since + tick * ticks);
+            let advance = clock.advance(tokio::time::Instant::now());
+            if let Some(late) = advance.stalled {
+                // Judged before the ticks are told: a leader that was not
+                // running must not serve a read or a write on what it
+                // believed before the stall.
+                if self.core.role() == crate::core::Role::Leader {
+                    tracing::warn!(group = %self.label.group, stall_ms = late.as_millis() as u64, "the group's task was not running; the leader steps down");
                 }
+                self.core.step_down();
+            }
+            if advance.ticks > 0 {
+                self.core.tick_by(advance.ticks);
             }
             match woke {
                 Woke::Done(c) => {
@@ -76,7 +71,6 @@ impl Group {
                         }
                     }
                 }
-                Woke::Tick if quiet_since.is_none() => self.core.tick(),
                 Woke::Tick => {}
             }
             if self.failed {
@@ -90,18 +84,8 @@ impl Group {
             if self.shutdown_reply.is_some() && self.transfer_reply.is_none() {
                 break;
             }
-            match (self.core.is_quiet(), quiet_since) {
-                (true, None) => {
-                    let now = tokio::time::Instant::now();
-                    quiet_since = Some(now);
-                    quiet_sleep.as_mut().reset(now + stride);
-                }
-                (false, Some(_)) => {
-                    quiet_since = None;
-                    ticker.reset();
-                }
-                _ => {}
-            }
+            clock.set_quiet(self.core.is_quiet());
+            sleep.as_mut().reset(clock.next_deadline());
         }
         self.stop();
     }
