@@ -332,8 +332,14 @@ struct Group {
     opts: GroupOptions,
     core: RaftCore,
     applier: Applier,
-    snapshots: SnapshotStore,
+    /// Shared with the blocking threads that write snapshots.
+    snapshots: Arc<SnapshotStore>,
     last_snapshot: Index,
+    /// A snapshot of this index is being written off the task; those who
+    /// asked for one wait for it.
+    snapshot_writing: Option<Index>,
+    snapshot_waiters: Vec<oneshot::Sender<AdminResult>>,
+    snapshot_written: mpsc::UnboundedSender<snapshot::Written>,
     worker: Option<LogWorker>,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
@@ -454,14 +460,18 @@ pub fn spawn_group(
     }));
     transport.learn(core.membership());
     let append_latency = metrics.append.get_or_create(&label).clone();
+    let (written_tx, written_rx) = mpsc::unbounded_channel();
     let mut g = Group {
         id: id.clone(),
         label,
         node_id,
         core,
         applier,
-        snapshots,
+        snapshots: Arc::new(snapshots),
         last_snapshot: snapshot.index,
+        snapshot_writing: None,
+        snapshot_waiters: Vec::new(),
+        snapshot_written: written_tx,
         worker: Some(worker),
         transport,
         append_latency,
@@ -500,7 +510,7 @@ pub fn spawn_group(
         view,
         limits,
     };
-    let task = tokio::spawn(async move { g.run(rx, done_rx).await });
+    let task = tokio::spawn(async move { g.run(rx, done_rx, written_rx).await });
     Ok((handle, task))
 }
 

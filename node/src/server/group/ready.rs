@@ -6,7 +6,7 @@
 //! snapshots and newly learned addresses.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use kuberaft_proto::v1 as pb;
@@ -16,7 +16,6 @@ use crate::convert::append_reply_to_pb;
 use crate::core::{Envelope, Event, Index, Message, NodeId, ReadError, Role};
 use crate::storage::{Completion, WriteBatch};
 
-const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 
 type ClientResult2 = Result<(), ClientError>;
 
@@ -60,6 +59,11 @@ impl Group {
         loop {
             let ready = self.core.take_ready();
             if ready.is_empty() {
+                if self.incoming.take().is_some() {
+                    // The core declined the snapshot after all; its files
+                    // stay in the store, newer than nothing the log needs.
+                    tracing::warn!(group = %self.label.group, "a received snapshot was not installed");
+                }
                 return;
             }
             let mut batch = WriteBatch {
@@ -285,20 +289,10 @@ impl Group {
             }
         }
         if self.applier.applied_index() >= self.last_snapshot + self.opts.snapshot_threshold
+            && self.snapshot_writing.is_none()
             && self.snapshot_retry_at.is_none_or(|t| Instant::now() >= t)
         {
-            // Writing the snapshot blocks this task for an fsync; clients
-            // were already answered, so the view shows their writes first.
-            self.publish();
-            match self.take_snapshot() {
-                Ok(_) => self.snapshot_retry_at = None,
-                Err(e) => {
-                    // Not again after every batch: a full disk stays full
-                    // for a while.
-                    self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
-                    tracing::warn!(group = %self.label.group, error = %e, "automatic snapshot failed; retrying in a second");
-                }
-            }
+            self.take_snapshot(None);
         }
         if self.core.membership() != &self.learned {
             self.learned = self.core.membership().clone();

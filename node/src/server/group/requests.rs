@@ -115,7 +115,7 @@ impl Group {
                 }
             }
             GroupMsg::TakeSnapshot { reply } => {
-                let _ = reply.send(self.take_snapshot().map_err(AdminError::Failed));
+                self.take_snapshot(Some(reply));
             }
             GroupMsg::PauseElections { pause } => self.core.set_elections_paused(pause),
             GroupMsg::InstallSnapshot {

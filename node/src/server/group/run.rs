@@ -7,6 +7,7 @@
 use tokio::sync::mpsc;
 
 use super::clock::Clock;
+use super::snapshot::Written;
 use super::{AdminError, ClientError, Group, GroupMsg, blocking};
 use crate::storage::Completion;
 
@@ -16,6 +17,7 @@ const MAX_BATCH: usize = 1024;
 enum Woke {
     Done(Completion),
     Msg(GroupMsg),
+    Written(Written),
     Tick,
 }
 
@@ -24,6 +26,7 @@ impl Group {
         mut self,
         mut inbox: mpsc::Receiver<GroupMsg>,
         mut done: mpsc::UnboundedReceiver<Completion>,
+        mut written: mpsc::UnboundedReceiver<Written>,
     ) {
         let now = tokio::time::Instant::now();
         let mut clock = Clock::new(self.opts.tick, self.opts.stall_threshold, now);
@@ -36,6 +39,7 @@ impl Group {
             let woke = tokio::select! {
                 biased;
                 Some(c) = done.recv() => Woke::Done(c),
+                Some(w) = written.recv() => Woke::Written(w),
                 msg = inbox.recv() => match msg {
                     Some(m) => Woke::Msg(m),
                     None => break,
@@ -71,6 +75,7 @@ impl Group {
                         }
                     }
                 }
+                Woke::Written(w) => self.snapshot_written(w),
                 Woke::Tick => {}
             }
             if self.failed {
@@ -121,9 +126,11 @@ impl Group {
         for w in self.watches.drain(..) {
             let _ = w.reply.send(Err(err()));
         }
+        let snapshot_waiters = std::mem::take(&mut self.snapshot_waiters);
         for r in [self.conf_reply.take(), self.transfer_reply.take()]
             .into_iter()
             .flatten()
+            .chain(snapshot_waiters)
         {
             let _ = r.send(Err(AdminError::Failed(why.to_string())));
         }

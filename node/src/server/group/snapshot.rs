@@ -4,9 +4,15 @@
 //! is durable in the store before the core sees it; a failed send makes the
 //! core probe that follower again.
 
+use std::time::{Duration, Instant};
+
 use tokio::sync::oneshot;
 
-use super::{Group, KIND_INSTALL, ReplyPath, blocking};
+use super::{AdminError, AdminResult, Group, KIND_INSTALL, ReplyPath, blocking};
+use crate::statemachine::SnapshotFiles;
+
+/// After a failed automatic snapshot, how long until the next try.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 use crate::core::{Index, InstallSnapshot, Message, NodeId, SnapshotMeta, Term};
 use crate::storage::{SnapshotInfo, SnapshotStore, WriteBatch};
 
@@ -23,6 +29,20 @@ impl Group {
             // Stale, or already covered: the core answers without
             // installing; nothing to write.
             self.step(from, install_msg(term, meta), ReplyPath::Once(reply));
+            return;
+        }
+        if self.incoming.is_some() {
+            // One install at a time: a second one in the same batch would
+            // overwrite the first before the core installed it. Refused;
+            // the leader sends the newest again.
+            tracing::warn!(group = %self.label.group, from, index = meta.index, "a snapshot install is already under way; refusing another");
+            let _ = reply.send(Message::InstallSnapshotReply(
+                crate::core::InstallSnapshotReply {
+                    term: self.core.term(),
+                    snapshot_index: 0,
+                    accepted: false,
+                },
+            ));
             return;
         }
         let keep = self.core.log().term(meta.index) == Some(meta.term);
@@ -77,39 +97,97 @@ impl Group {
         }
     }
 
-    /// Snapshots the state machine at the applied index and queues the log
-    /// purge behind earlier writes.
-    pub(super) fn take_snapshot(&mut self) -> Result<Index, String> {
+    /// Snapshots the state machine at the applied index. The files are
+    /// written on a blocking thread, never on this task: a large snapshot
+    /// and its fsyncs would otherwise stop heartbeats and replies for as
+    /// long as they take. [`Self::snapshot_written`] finishes the job.
+    pub(super) fn take_snapshot(&mut self, waiter: Option<oneshot::Sender<AdminResult>>) {
         let index = self.applier.applied_index();
         if index <= self.last_snapshot {
-            return Ok(self.last_snapshot);
-        }
-        let meta = self
-            .core
-            .snapshot_meta(index)
-            .ok_or_else(|| format!("index {index} is not in the log"))?;
-        let files = self.applier.snapshot();
-        blocking(|| -> Result<(), crate::storage::StorageError> {
-            let mut w = self.snapshots.begin(meta)?;
-            for (name, data) in &files {
-                w.write_chunk(name, 0, data)?;
+            if let Some(w) = waiter {
+                let _ = w.send(Ok(self.last_snapshot));
             }
-            w.finish()?;
-            Ok(())
-        })
-        .map_err(|e| format!("writing snapshot at {index}: {e}"))?;
-        self.last_snapshot = index;
-        self.core.compact(index);
-        if let Some(w) = &self.worker {
-            w.submit(WriteBatch {
-                ready: self.last_submitted,
-                purge_to: Some(index),
-                ..Default::default()
-            });
+            return;
         }
-        tracing::info!(group = %self.label.group, index, "snapshot taken");
-        Ok(index)
+        self.snapshot_waiters.extend(waiter);
+        if self.snapshot_writing.is_some() {
+            return;
+        }
+        let Some(meta) = self.core.snapshot_meta(index) else {
+            self.snapshot_finished(Err(format!("index {index} is not in the log")));
+            return;
+        };
+        // The state is copied here, in order with the applied entries; only
+        // the writing leaves the task.
+        let files = self.applier.snapshot();
+        self.snapshot_writing = Some(index);
+        let store = self.snapshots.clone();
+        let done = self.snapshot_written.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = write_snapshot(&store, meta, &files)
+                .map_err(|e| format!("writing snapshot at {index}: {e}"));
+            // The group may have stopped meanwhile; nobody to tell then.
+            let _ = done.send(Written { index, result });
+        });
     }
+
+    /// A snapshot written off the task is durable: entries up to it may go
+    /// from the core, and the log purge is queued behind earlier writes.
+    pub(super) fn snapshot_written(&mut self, w: Written) {
+        self.snapshot_writing = None;
+        if let Err(e) = w.result {
+            return self.snapshot_finished(Err(e));
+        }
+        // A snapshot installed from the leader meanwhile may be newer.
+        if w.index > self.last_snapshot {
+            self.last_snapshot = w.index;
+            self.core.compact(w.index);
+            if let Some(worker) = &self.worker {
+                worker.submit(WriteBatch {
+                    ready: self.last_submitted,
+                    purge_to: Some(w.index),
+                    ..Default::default()
+                });
+            }
+            tracing::info!(group = %self.label.group, index = w.index, "snapshot taken");
+        }
+        self.snapshot_finished(Ok(self.last_snapshot));
+    }
+
+    fn snapshot_finished(&mut self, result: Result<Index, String>) {
+        match &result {
+            Ok(_) => self.snapshot_retry_at = None,
+            Err(e) => {
+                // Not again after every batch: a full disk stays full for a
+                // while.
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+                tracing::warn!(group = %self.label.group, error = %e, "snapshot failed; an automatic one is retried in a second");
+            }
+        }
+        for w in self.snapshot_waiters.drain(..) {
+            let _ = w.send(result.clone().map_err(AdminError::Failed));
+        }
+    }
+}
+
+/// A snapshot written off the group's task, and how that went.
+#[derive(Debug)]
+pub(super) struct Written {
+    index: Index,
+    result: Result<(), String>,
+}
+
+fn write_snapshot(
+    store: &SnapshotStore,
+    meta: SnapshotMeta,
+    files: &SnapshotFiles,
+) -> Result<(), crate::storage::StorageError> {
+    let mut w = store.begin(meta)?;
+    for (name, data) in files {
+        w.write_chunk(name, 0, data)?;
+    }
+    w.finish()?;
+    Ok(())
 }
 
 pub(super) fn read_snapshot_files(

@@ -47,6 +47,9 @@ pub struct GroupView {
     /// Idle and quiet: no heartbeats, no election timer (see
     /// `core::Config::quiesce`).
     pub quiet: bool,
+    /// This member was in the group's configuration and the configuration
+    /// in force has left it out: it takes no further part and can go.
+    pub removed: bool,
     /// The group's task has ended (removed, shut down or storage failed).
     pub stopped: bool,
 }
@@ -153,5 +156,9 @@ impl Group {
         v.retry_cache_entries = self.applier.retry_cache().len() as u64;
         v.snapshots_installed = self.snapshots_installed;
         v.quiet = st.quiet;
+        if st.removed && !v.removed {
+            tracing::warn!(group = %self.label.group, member = self.node_id, "this member was removed from the group's configuration; it no longer votes or campaigns and can be shut down");
+        }
+        v.removed = st.removed;
     }
 }
