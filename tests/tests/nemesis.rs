@@ -24,3 +24,24 @@ async fn short_nemesis_finds_no_anomaly() {
     assert!(report.counter_acked > 100, "{report}");
     assert!(report.faults.values().sum::<u64>() >= 5, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_nemesis_with_the_leader_lease_finds_no_anomaly() {
+    // Lease reads are linearizable only if the lease runs out on real time,
+    // also for a leader that is cut off and starved of CPU.
+    let mut opts = NemesisOptions::new(20261201, Duration::from_secs(30));
+    opts.leader_lease = true;
+    opts.faults = ["throttle-leader", "isolate-leader", "pause", "partition", "kill"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let report = run(opts).await.expect("the nemesis could not run");
+    println!("{report}");
+    assert!(
+        report.anomalies.is_empty(),
+        "anomalies found:\n{report}\n{}",
+        report.timeline.join("\n")
+    );
+    assert!(report.ops_checked > 500, "{report}");
+    assert!(report.faults.values().sum::<u64>() >= 3, "{report}");
+}

@@ -167,6 +167,13 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         stall_threshold: Duration::from_millis(a.stall_threshold_ms),
         ..GroupOptions::default()
     };
+    group.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (from --tick-ms {tick}, --election-timeout-ms {}, --leader-lease {})",
+            a.election_timeout_ms,
+            a.leader_lease
+        )
+    })?;
     let mut storage = GroupStorageOptions::default();
     storage.log.purge_keep_entries = a.purge_keep_entries;
     Ok(NodeOptions {

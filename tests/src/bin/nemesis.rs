@@ -33,6 +33,9 @@ struct Args {
     /// anomaly is found).
     #[arg(long)]
     keep: bool,
+    /// Run the members with `--leader-lease` (lease reads are checked too).
+    #[arg(long)]
+    leader_lease: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
     opts.counter_clients = args.counter_clients;
     opts.verbose = args.verbose;
     opts.keep = args.keep;
+    opts.leader_lease = args.leader_lease;
     if !args.faults.is_empty() {
         opts.faults = args.faults;
     }

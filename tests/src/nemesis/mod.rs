@@ -14,6 +14,7 @@
 //! | `pause` | SIGSTOP a member, SIGCONT it |
 //! | `partition` | cut the members into two sides |
 //! | `isolate-leader` | cut a leader off from every peer (clients still reach it) |
+//! | `throttle-leader` | cut a leader off and starve it as a CPU quota does (stopped 40 ms of every 50), while clients still reach it: its lease must run out on real time |
 //! | `one-way` | drop one direction between two members |
 //! | `slow` | delay every link by 5–80 ms |
 //! | `full-disk` | fill the tmpfs one member's data lives on |
@@ -56,11 +57,12 @@ const CONVERGE: Duration = Duration::from_secs(20);
 const DISK_MEMBER: usize = 2;
 
 /// Every fault kind, by name.
-pub const FAULTS: [&str; 7] = [
+pub const FAULTS: [&str; 8] = [
     "kill",
     "pause",
     "partition",
     "isolate-leader",
+    "throttle-leader",
     "one-way",
     "slow",
     "full-disk",
@@ -79,6 +81,9 @@ pub struct NemesisOptions {
     pub verbose: bool,
     /// Keep the members' data and logs even when nothing was found.
     pub keep: bool,
+    /// Run the members with `--leader-lease`: reads served on the lease are
+    /// checked like every other.
+    pub leader_lease: bool,
 }
 
 impl NemesisOptions {
@@ -91,6 +96,7 @@ impl NemesisOptions {
             faults: FAULTS.iter().map(|s| s.to_string()).collect(),
             verbose: false,
             keep: false,
+            leader_lease: false,
         }
     }
 }
@@ -198,7 +204,11 @@ pub async fn run(opts: NemesisOptions) -> anyhow::Result<Report> {
 
 async fn run_in(root: &std::path::Path, opts: NemesisOptions) -> anyhow::Result<Report> {
     let bin = node_binary()?;
-    let mut procs = Procs::new(bin, &["--snapshot-threshold", "300"]);
+    let mut extra = vec!["--snapshot-threshold", "300"];
+    if opts.leader_lease {
+        extra.push("--leader-lease");
+    }
+    let mut procs = Procs::new(bin, &extra);
     let wants_disk = opts.faults.iter().any(|f| f == "full-disk");
     let mut disk = false;
     let mut notes = Vec::new();
@@ -426,6 +436,31 @@ impl Run {
                 self.hold().await?;
                 self.procs.net.heal();
                 self.note("healed".into());
+            }
+            "throttle-leader" => {
+                let group = if self.rng.random_bool(0.5) { REG } else { CTR };
+                let Some((l, _)) = self.leader(group).await else {
+                    self.note(format!("throttle-leader: {group} has no leader now"));
+                    return Ok(());
+                };
+                self.note(format!("isolate and throttle member {l}, leader of {group}"));
+                for o in self.members().into_iter().filter(|o| *o != l) {
+                    self.procs.net.set(l, o, Link::Down);
+                    self.procs.net.set(o, l, Link::Down);
+                }
+                // What a CPU quota does to a container (`docker run
+                // --cpus=0.2`): runnable for a slice of every period, then
+                // frozen until the next. Ticks the task misses meanwhile
+                // must still count against the lease.
+                let until = Instant::now() + Duration::from_millis(self.rng.random_range(1500..4000));
+                while Instant::now() < until {
+                    self.procs.pause(l, true);
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    self.procs.pause(l, false);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                self.procs.net.heal();
+                self.note("healed and unthrottled".into());
             }
             "one-way" => {
                 let a = self.rng.random_range(0..n);

@@ -103,6 +103,12 @@ impl Default for GroupOptions {
 }
 
 impl GroupOptions {
+    /// Checks the consensus settings these options make, so that a node
+    /// refuses bad flags at start instead of when its first group starts.
+    pub fn validate(&self) -> Result<(), crate::core::ConfigError> {
+        self.core_config(1).validate()
+    }
+
     fn core_config(&self, id: NodeId) -> Config {
         let mut c = Config::new(id);
         c.election_timeout_min_ticks = self.election_timeout_min_ticks;
