@@ -607,7 +607,9 @@ async fn a_runtime_stall_makes_the_leader_step_down() {
     let n0 = changes(&before);
     let pid = nix::unistd::Pid::from_raw(pids_with(&c.members[0].addr)[0]);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    // Longer than a quiet group's stride (1 s) plus the threshold: the task
+    // of a quiet group only notices a stall that outlasts its own sleep.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     poll("the stall to be noticed", || async {
         let log = std::fs::read_to_string(c.log_path(0)).unwrap_or_default();

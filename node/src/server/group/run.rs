@@ -52,7 +52,7 @@ impl Group {
                 // running must not serve a read or a write on what it
                 // believed before the stall.
                 if self.core.role() == crate::core::Role::Leader {
-                    tracing::warn!(group = %self.label.group, stall_ms = late.as_millis() as u64, "the group's task was not running; the leader steps down");
+                    tracing::warn!(group = %self.label.group, stall_ms = late.as_millis() as u64, "runtime stalled: the group's task was not running; the leader steps down");
                 }
                 self.core.step_down();
             }
