@@ -61,6 +61,18 @@ impl Services {
         })
     }
 
+    /// Refuses a peer request whose sender is member 0 (no member) or this
+    /// node itself: the core would take either for a real peer, e.g. follow
+    /// "leader 0", or keep a snapshot it then never answers for.
+    fn check_sender(&self, what: &str, from: NodeId) -> Result<(), Status> {
+        if from == 0 || from == self.node.id {
+            return Err(Status::invalid_argument(format!(
+                "{what} from member {from}: the sender must be another member (a non-zero id that is not this node's)"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_addressed(&self, to: NodeId) -> Result<(), Status> {
         if to != 0 && to != self.node.id {
             return Err(Status::failed_precondition(format!(
@@ -103,12 +115,7 @@ impl Services {
 impl RaftServerProtocolService for Services {
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
         let r = req.into_inner();
-        if r.from == 0 || r.from == self.node.id {
-            return Err(Status::invalid_argument(format!(
-                "ping from member {}: the sender must be another member (a non-zero id that is not this node's)",
-                r.from
-            )));
-        }
+        self.check_sender("ping", r.from)?;
         let incarnation = self.node.transport().pinged(r.from, r.incarnation);
         Ok(Response::new(pb::PingReply {
             server_id: self.node.id,
@@ -122,6 +129,7 @@ impl RaftServerProtocolService for Services {
     ) -> Result<Response<pb::RequestVoteReply>, Status> {
         let r = req.into_inner();
         self.check_addressed(r.voter_id)?;
+        self.check_sender("vote request", r.candidate_id)?;
         let g = self.group(&r.group_id)?;
         match self
             .ask_peer(
@@ -146,6 +154,7 @@ impl RaftServerProtocolService for Services {
     ) -> Result<Response<pb::StartLeaderElectionReply>, Status> {
         let r = req.into_inner();
         self.check_addressed(r.target_id)?;
+        self.check_sender("election request", r.leader_id)?;
         let g = self.group(&r.group_id)?;
         let msg = Message::StartElection(convert::start_election_from_pb(&r).map_err(invalid)?);
         let accepted =
@@ -171,6 +180,7 @@ impl RaftServerProtocolService for Services {
     ) -> Result<Response<Self::AppendEntriesStream>, Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4096);
+        let (refuse, refusal) = oneshot::channel::<Status>();
         let this = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
@@ -183,7 +193,10 @@ impl RaftServerProtocolService for Services {
                     continue;
                 };
                 let from = r.leader_id;
-                match convert::append_from_pb(r) {
+                let checked = this
+                    .check_sender("append", from)
+                    .and_then(|()| convert::append_from_pb(r).map_err(invalid));
+                match checked {
                     Ok(a) => {
                         let m = GroupMsg::Step {
                             from,
@@ -196,11 +209,32 @@ impl RaftServerProtocolService for Services {
                             continue;
                         }
                     }
-                    Err(e) => tracing::warn!(from, error = %e, "malformed append refused"),
+                    Err(status) => {
+                        // No real leader sends this: end the stream with the
+                        // reason, so the sender's log says what it got wrong.
+                        // It reconnects after a pause, which bounds these
+                        // warnings too.
+                        tracing::warn!(from, error = %status.message(), "append refused");
+                        let _ = refuse.send(status);
+                        return;
+                    }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let replies = futures_util::stream::select(
+            ReceiverStream::new(rx).map(Ok),
+            futures_util::stream::once(refusal).filter_map(|r| std::future::ready(r.ok().map(Err))),
+        )
+        // The groups keep their reply senders, so the stream would stay open
+        // after a refusal; it ends with it instead.
+        .scan(false, |refused, item| {
+            let next = (!*refused).then(|| {
+                *refused = item.is_err();
+                item
+            });
+            std::future::ready(next)
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     type InstallSnapshotStream = BoxStream<pb::InstallSnapshotReply>;
@@ -215,6 +249,7 @@ impl RaftServerProtocolService for Services {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_addressed(head.follower_id)?;
+        self.check_sender("snapshot", head.leader_id)?;
         let g = self.group(&head.group_id)?;
         let last = head.last_included.ok_or_else(|| {
             Status::invalid_argument("the first snapshot message must carry last_included")
@@ -304,6 +339,7 @@ impl RaftServerProtocolService for Services {
         req: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexReply>, Status> {
         let r = req.into_inner();
+        self.check_sender("read index request", r.follower_id)?;
         let g = self.group(&r.group_id)?;
         match self
             .ask_peer(

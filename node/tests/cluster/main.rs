@@ -627,6 +627,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         .request_vote(pb::RequestVoteRequest {
             group_id: gid("nope"),
             voter_id: c.members[0].id,
+            candidate_id: 424242,
             term: 99,
             ..Default::default()
         })
@@ -670,6 +671,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     // A snapshot stream that lies about its files.
     let bad = pb::InstallSnapshotRequest {
         group_id: gid("default"),
+        leader_id: 424242,
         follower_id: c.members[0].id,
         leader_term: 1,
         last_included: Some(pb::TermIndex { term: 1, index: 5 }),
