@@ -254,31 +254,38 @@ impl RaftServerProtocolService for Services {
         let last = head.last_included.ok_or_else(|| {
             Status::invalid_argument("the first snapshot message must carry last_included")
         })?;
-        for (what, v) in [
-            ("leader term", head.leader_term),
-            ("snapshot term", last.term),
-            ("snapshot index", last.index),
-        ] {
-            if v > convert::MAX_TERM_OR_INDEX {
-                return Err(Status::invalid_argument(format!(
-                    "{what} {v} is beyond the largest possible ({})",
-                    convert::MAX_TERM_OR_INDEX
-                )));
-            }
-        }
+        convert::bounded("leader term", head.leader_term).map_err(invalid)?;
+        convert::bounded("snapshot term", last.term).map_err(invalid)?;
+        convert::bounded("snapshot index", last.index).map_err(invalid)?;
         let membership = membership_from_pb(&head.configuration.clone().unwrap_or_default())
             .map_err(|e| Status::invalid_argument(format!("snapshot configuration: {e}")))?;
-        let total: u64 = head.files.iter().map(|f| f.size).sum();
+        // Checked: wrapped declared sizes would pass the limit and then
+        // reserve (or receive) far more than it.
+        let total = head
+            .files
+            .iter()
+            .try_fold(0u64, |t, f| t.checked_add(f.size))
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "the declared sizes of the snapshot files add up past 2^64 bytes",
+                )
+            })?;
         if total > MAX_SNAPSHOT_BYTES {
             return Err(Status::resource_exhausted(format!(
                 "snapshot of {total} bytes is over the {MAX_SNAPSHOT_BYTES}-byte limit"
             )));
         }
-        let mut files: HashMap<String, Vec<u8>> = head
-            .files
-            .iter()
-            .map(|f| (f.name.clone(), Vec::with_capacity(f.size as usize)))
-            .collect();
+        // Each file's declared size, and what has arrived of it.
+        let mut files: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+        for f in &head.files {
+            let fresh = (f.size, Vec::with_capacity(f.size as usize));
+            if files.insert(f.name.clone(), fresh).is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot file {:?} is listed twice",
+                    f.name
+                )));
+            }
+        }
         let mut done = head.done;
         while !done {
             let Some(r) = inbound.message().await? else {
@@ -288,8 +295,16 @@ impl RaftServerProtocolService for Services {
             };
             done = r.done;
             let Some(c) = r.chunk else { continue };
-            let buf = files.get_mut(&c.file_name).ok_or_else(|| {
+            let (size, buf) = files.get_mut(&c.file_name).ok_or_else(|| {
                 Status::invalid_argument(format!("chunk for unlisted file {:?}", c.file_name))
+            })?;
+            let end = c.offset.checked_add(c.data.len() as u64).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "chunk of {:?} at offset {} with {} bytes ends past 2^64",
+                    c.file_name,
+                    c.offset,
+                    c.data.len()
+                ))
             })?;
             if c.offset != buf.len() as u64 {
                 return Err(Status::invalid_argument(format!(
@@ -299,10 +314,18 @@ impl RaftServerProtocolService for Services {
                     buf.len()
                 )));
             }
+            // Nothing beyond the declared size is kept: the limit above
+            // holds for what arrives, not only for what was announced.
+            if end > *size {
+                return Err(Status::invalid_argument(format!(
+                    "chunk of {:?} ends at byte {end}, past the file's declared size of {size} bytes",
+                    c.file_name
+                )));
+            }
             buf.extend_from_slice(&c.data);
         }
         for f in &head.files {
-            let data = &files[&f.name];
+            let data = &files[&f.name].1;
             if data.len() as u64 != f.size || crc32c::crc32c(data) != f.crc32c {
                 return Err(Status::data_loss(format!(
                     "snapshot file {:?} arrived damaged (size or checksum differs)",
@@ -319,7 +342,10 @@ impl RaftServerProtocolService for Services {
                 term: last.term,
                 membership,
             },
-            files: files.into_iter().collect(),
+            files: files
+                .into_iter()
+                .map(|(name, (_, data))| (name, data))
+                .collect(),
             reply: tx,
         };
         g.tx.send(msg)
