@@ -275,10 +275,14 @@ impl RaftServerProtocolService for Services {
                 "snapshot of {total} bytes is over the {MAX_SNAPSHOT_BYTES}-byte limit"
             )));
         }
-        // Each file's declared size, and what has arrived of it.
+        // Each file's declared size, and what has arrived of it. Memory is
+        // reserved a chunk at most ahead of what arrives: a declared size is
+        // a claim, and concurrent streams claiming 2 GiB each would reserve
+        // it all before a byte came.
         let mut files: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
         for f in &head.files {
-            let fresh = (f.size, Vec::with_capacity(f.size as usize));
+            let ahead = f.size.min(super::peer::SNAPSHOT_CHUNK as u64);
+            let fresh = (f.size, Vec::with_capacity(ahead as usize));
             if files.insert(f.name.clone(), fresh).is_some() {
                 return Err(Status::invalid_argument(format!(
                     "snapshot file {:?} is listed twice",
