@@ -1,6 +1,6 @@
-//! Arbitrary bytes decoded as every peer message and converted for the
-//! core: converted or refused, never a panic, and nothing out of bounds
-//! reaches the core.
+//! Arbitrary bytes decoded as every peer message, request or reply, and
+//! converted for the core: converted or refused, never a panic, and nothing
+//! out of bounds reaches the core.
 #![no_main]
 
 use kuberaft_node::convert::{self, MAX_TERM_OR_INDEX};
@@ -14,8 +14,35 @@ fuzz_target!(|data: &[u8]| {
     {
         assert!(a.term <= MAX_TERM_OR_INDEX && a.prev_index <= MAX_TERM_OR_INDEX);
     }
-    if let Ok(r) = pb::AppendEntriesReply::decode(data) {
-        let _ = convert::append_reply_from_pb(&r);
+    if let Ok(r) = pb::AppendEntriesReply::decode(data)
+        && let Ok(a) = convert::append_reply_from_pb(&r)
+    {
+        let numbers = [
+            a.term,
+            a.match_index,
+            a.next_index,
+            a.conflict_term,
+            a.rejected_prev,
+            a.follower_commit,
+            a.round,
+        ];
+        assert!(numbers.iter().all(|v| *v <= MAX_TERM_OR_INDEX));
+    }
+    if let Ok(r) = pb::RequestVoteReply::decode(data)
+        && let Ok(v) = convert::vote_reply_from_pb(&r)
+    {
+        assert!(v.term <= MAX_TERM_OR_INDEX);
+    }
+    if let Ok(r) = pb::ReadIndexReply::decode(data)
+        && let Ok(m) = convert::read_index_reply_from_pb(&r)
+    {
+        assert!(m.term <= MAX_TERM_OR_INDEX);
+        assert!(m.result.is_err() || m.result.is_ok_and(|i| i <= MAX_TERM_OR_INDEX));
+    }
+    if let Ok(r) = pb::InstallSnapshotReply::decode(data)
+        && let Ok(i) = convert::install_reply_from_pb(&r)
+    {
+        assert!(i.term <= MAX_TERM_OR_INDEX && i.snapshot_index <= MAX_TERM_OR_INDEX);
     }
     if let Ok(r) = pb::RequestVoteRequest::decode(data) {
         let _ = convert::vote_from_pb(&r);

@@ -23,8 +23,10 @@ pub enum DecodeError {
     Membership(#[from] crate::core::MembershipError),
     #[error("malformed protobuf: {0}")]
     Protobuf(#[from] prost::DecodeError),
-    #[error("invalid request: {0}")]
+    #[error("invalid peer message: {0}")]
     Invalid(String),
+    #[error("{field} {value} is beyond the largest possible ({MAX_TERM_OR_INDEX})")]
+    OutOfRange { field: &'static str, value: u64 },
 }
 
 pub fn peer_to_pb(p: &PeerInfo, role: pb::PeerRole) -> pb::Peer {
@@ -154,11 +156,11 @@ pub fn append_to_pb(
 /// corrupted number is refused here instead.
 pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 
-fn bounded(what: &str, v: u64) -> Result<u64, DecodeError> {
+/// `v` if it is a term or index a peer may send; `field` names it in the
+/// error.
+pub fn bounded(field: &'static str, v: u64) -> Result<u64, DecodeError> {
     if v > MAX_TERM_OR_INDEX {
-        return Err(DecodeError::Invalid(format!(
-            "{what} {v} is beyond the largest possible ({MAX_TERM_OR_INDEX})"
-        )));
+        return Err(DecodeError::OutOfRange { field, value: v });
     }
     Ok(v)
 }
@@ -169,6 +171,9 @@ pub fn append_from_pb(r: pb::AppendEntriesRequest) -> Result<AppendEntries, Deco
     bounded("previous term", prev.term)?;
     bounded("previous index", prev.index)?;
     bounded("leader commit", r.leader_commit)?;
+    // The round comes back in the reply, where the leader compares it with
+    // its own counter; one no leader can reach is refused at either end.
+    bounded("round", r.call_id)?;
     if r.entries.len() as u64 > MAX_TERM_OR_INDEX - prev.index {
         return Err(DecodeError::Invalid(
             "entries run past the largest index".into(),
@@ -236,14 +241,14 @@ pub fn append_reply_from_pb(r: &pb::AppendEntriesReply) -> Result<AppendEntriesR
         }
     };
     Ok(AppendEntriesReply {
-        term: r.term,
+        term: bounded("term", r.term)?,
         result,
-        match_index: r.match_index,
-        next_index: r.next_index,
-        conflict_term: r.conflict_term,
-        rejected_prev: r.rejected_previous,
-        follower_commit: r.follower_commit,
-        round: r.call_id,
+        match_index: bounded("match index", r.match_index)?,
+        next_index: bounded("next index", r.next_index)?,
+        conflict_term: bounded("conflict term", r.conflict_term)?,
+        rejected_prev: bounded("rejected previous index", r.rejected_previous)?,
+        follower_commit: bounded("follower commit", r.follower_commit)?,
+        round: bounded("round", r.call_id)?,
         quiet: r.quiet,
     })
 }
@@ -301,18 +306,18 @@ pub fn vote_reply_to_pb(group: &Bytes, from: NodeId, m: &RequestVoteReply) -> pb
     }
 }
 
-pub fn vote_reply_from_pb(r: &pb::RequestVoteReply) -> RequestVoteReply {
+pub fn vote_reply_from_pb(r: &pb::RequestVoteReply) -> Result<RequestVoteReply, DecodeError> {
     let refusal = (!r.granted).then(|| {
         REFUSALS
             .iter()
             .find(|(_, s)| *s == r.reason)
             .map_or(VoteRefusal::StaleTerm, |(k, _)| *k)
     });
-    RequestVoteReply {
-        term: r.term,
+    Ok(RequestVoteReply {
+        term: bounded("term", r.term)?,
         pre_vote: r.pre_vote,
         refusal,
-    }
+    })
 }
 
 pub fn start_election_to_pb(
@@ -392,24 +397,29 @@ pub fn read_index_reply_to_pb(group: &Bytes, m: &ReadIndexReply) -> pb::ReadInde
     }
 }
 
-pub fn read_index_reply_from_pb(r: &pb::ReadIndexReply) -> ReadIndexReply {
+pub fn read_index_reply_from_pb(r: &pb::ReadIndexReply) -> Result<ReadIndexReply, DecodeError> {
     use pb::raft_exception::Kind;
     let result = if r.success {
-        Ok(r.read_index)
+        Ok(bounded("read index", r.read_index)?)
     } else {
         Err(match r.exception.as_ref().and_then(|e| e.kind.as_ref()) {
+            // Member 0 does not exist: a suggestion of it is no suggestion.
             Some(Kind::NotLeader(n)) => ReadError::NotLeader {
-                leader: n.suggested_leader.as_ref().map(|p| p.id),
+                leader: n
+                    .suggested_leader
+                    .as_ref()
+                    .map(|p| p.id)
+                    .filter(|id| *id != 0),
             },
             Some(Kind::LeaderSteppingDown(_)) => ReadError::SteppingDown,
             _ => ReadError::LeaderChanged,
         })
     };
-    ReadIndexReply {
-        term: r.term,
+    Ok(ReadIndexReply {
+        term: bounded("term", r.term)?,
         ctx: r.context,
         result,
-    }
+    })
 }
 
 pub fn install_reply_to_pb(
@@ -433,15 +443,17 @@ pub fn install_reply_to_pb(
     }
 }
 
-pub fn install_reply_from_pb(r: &pb::InstallSnapshotReply) -> InstallSnapshotReply {
-    InstallSnapshotReply {
-        term: r.term,
-        snapshot_index: r.snapshot_index,
+pub fn install_reply_from_pb(
+    r: &pb::InstallSnapshotReply,
+) -> Result<InstallSnapshotReply, DecodeError> {
+    Ok(InstallSnapshotReply {
+        term: bounded("term", r.term)?,
+        snapshot_index: bounded("snapshot index", r.snapshot_index)?,
         accepted: matches!(
             r.result(),
             pb::InstallSnapshotResult::Success | pb::InstallSnapshotResult::AlreadyInstalled
         ),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -495,6 +507,178 @@ mod tests {
         assert_eq!(
             entry_from_pb(none),
             Err(DecodeError::MissingPayload { index: 1 })
+        );
+    }
+
+    fn append_reply() -> AppendEntriesReply {
+        AppendEntriesReply {
+            term: 4,
+            result: AppendResult::Inconsistency,
+            match_index: 9,
+            next_index: 11,
+            conflict_term: 3,
+            rejected_prev: 12,
+            follower_commit: 8,
+            round: 77,
+            quiet: false,
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let g = Bytes::from_static(b"g");
+        let a = append_reply();
+        assert_eq!(append_reply_from_pb(&append_reply_to_pb(&g, 2, &a)), Ok(a));
+        for refusal in [None, Some(VoteRefusal::LogBehind)] {
+            let v = RequestVoteReply {
+                term: 5,
+                pre_vote: true,
+                refusal,
+            };
+            assert_eq!(vote_reply_from_pb(&vote_reply_to_pb(&g, 2, &v)), Ok(v));
+        }
+        for result in [Ok(41), Err(ReadError::NotLeader { leader: Some(3) })] {
+            let r = ReadIndexReply {
+                term: 6,
+                ctx: 99,
+                result,
+            };
+            assert_eq!(
+                read_index_reply_from_pb(&read_index_reply_to_pb(&g, &r)),
+                Ok(r)
+            );
+        }
+        let i = InstallSnapshotReply {
+            term: 7,
+            snapshot_index: 500,
+            accepted: true,
+        };
+        assert_eq!(
+            install_reply_from_pb(&install_reply_to_pb(&g, 2, &i)),
+            Ok(i)
+        );
+    }
+
+    /// Sets one numeric field of every kind of reply to `v` and decodes it.
+    fn decode_with(field: &str, v: u64) -> Result<(), DecodeError> {
+        let g = Bytes::from_static(b"g");
+        let mut a = append_reply_to_pb(&g, 2, &append_reply());
+        let mut vote = vote_reply_to_pb(
+            &g,
+            2,
+            &RequestVoteReply {
+                term: 5,
+                pre_vote: false,
+                refusal: None,
+            },
+        );
+        let read = ReadIndexReply {
+            term: 6,
+            ctx: 1,
+            result: Ok(3),
+        };
+        let mut read = read_index_reply_to_pb(&g, &read);
+        let install = InstallSnapshotReply {
+            term: 7,
+            snapshot_index: 5,
+            accepted: true,
+        };
+        let mut install = install_reply_to_pb(&g, 2, &install);
+        match field {
+            "append term" => a.term = v,
+            "match index" => a.match_index = v,
+            "next index" => a.next_index = v,
+            "conflict term" => a.conflict_term = v,
+            "rejected previous index" => a.rejected_previous = v,
+            "follower commit" => a.follower_commit = v,
+            "round" => a.call_id = v,
+            "vote term" => vote.term = v,
+            "read term" => read.term = v,
+            "read index" => read.read_index = v,
+            "install term" => install.term = v,
+            "snapshot index" => install.snapshot_index = v,
+            _ => unreachable!("{field}"),
+        }
+        append_reply_from_pb(&a)?;
+        vote_reply_from_pb(&vote)?;
+        read_index_reply_from_pb(&read)?;
+        install_reply_from_pb(&install)?;
+        Ok(())
+    }
+
+    #[test]
+    fn replies_with_numbers_past_the_bound_are_refused_naming_the_field() {
+        let fields = [
+            ("append term", "term"),
+            ("match index", "match index"),
+            ("next index", "next index"),
+            ("conflict term", "conflict term"),
+            ("rejected previous index", "rejected previous index"),
+            ("follower commit", "follower commit"),
+            ("round", "round"),
+            ("vote term", "term"),
+            ("read term", "term"),
+            ("read index", "read index"),
+            ("install term", "term"),
+            ("snapshot index", "snapshot index"),
+        ];
+        for (which, named) in fields {
+            assert_eq!(decode_with(which, MAX_TERM_OR_INDEX), Ok(()), "{which}");
+            for v in [MAX_TERM_OR_INDEX + 1, u64::MAX] {
+                let e = decode_with(which, v).unwrap_err();
+                assert_eq!(
+                    e,
+                    DecodeError::OutOfRange {
+                        field: named,
+                        value: v
+                    },
+                    "{which}"
+                );
+                assert!(e.to_string().starts_with(&format!("{named} {v} ")), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_read_ignores_its_index_and_member_0_is_no_leader() {
+        let r = pb::ReadIndexReply {
+            success: false,
+            read_index: u64::MAX,
+            exception: Some(pb::RaftException {
+                kind: Some(pb::raft_exception::Kind::NotLeader(
+                    pb::NotLeaderException {
+                        suggested_leader: Some(pb::Peer::default()),
+                        peers: Vec::new(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        };
+        let got = read_index_reply_from_pb(&r).unwrap();
+        assert_eq!(got.result, Err(ReadError::NotLeader { leader: None }));
+    }
+
+    #[test]
+    fn append_requests_bound_their_round() {
+        let a = AppendEntries {
+            term: 1,
+            prev_index: 0,
+            prev_term: 0,
+            entries: Vec::new(),
+            leader_commit: 0,
+            round: MAX_TERM_OR_INDEX,
+            quiesce: false,
+        };
+        let g = Bytes::from_static(b"g");
+        let mut r = append_to_pb(&g, 1, 2, &a);
+        assert_eq!(append_from_pb(r.clone()), Ok(a));
+        r.call_id = u64::MAX;
+        assert_eq!(
+            append_from_pb(r),
+            Err(DecodeError::OutOfRange {
+                field: "round",
+                value: u64::MAX
+            })
         );
     }
 }

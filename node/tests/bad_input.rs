@@ -50,6 +50,17 @@ fn damage() -> impl Strategy<Value = Damage> {
     ]
 }
 
+/// A number a peer might send: anything, mostly the edges of the bound.
+fn number() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0u64..1000,
+        Just(MAX_TERM_OR_INDEX),
+        Just(MAX_TERM_OR_INDEX + 1),
+        Just(u64::MAX),
+        any::<u64>(),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
@@ -206,12 +217,114 @@ proptest! {
     }
 
     #[test]
+    fn peer_replies_with_any_numbers_are_converted_or_refused(
+        n in prop::array::uniform8(number()),
+        result in -2i32..6,
+        flags in any::<(bool, bool, bool)>(),
+        reason in prop_oneof![Just(String::new()), Just("a leader is alive".to_string()), ".{0,20}"],
+    ) {
+        let within = |vs: &[u64]| vs.iter().all(|v| *v <= MAX_TERM_OR_INDEX);
+        let append = pb::AppendEntriesReply {
+            term: n[0],
+            result,
+            match_index: n[1],
+            next_index: n[2],
+            conflict_term: n[3],
+            rejected_previous: n[4],
+            follower_commit: n[5],
+            call_id: n[6],
+            quiet: flags.0,
+            ..Default::default()
+        };
+        let known = (1..=3).contains(&result);
+        match convert::append_reply_from_pb(&append) {
+            Ok(a) => {
+                prop_assert!(known);
+                let got = [a.term, a.match_index, a.next_index, a.conflict_term, a.rejected_prev, a.follower_commit, a.round];
+                prop_assert_eq!(&got[..], &n[..7]);
+                prop_assert!(within(&got));
+            }
+            Err(_) => prop_assert!(!known || !within(&n[..7])),
+        }
+        let vote = pb::RequestVoteReply {
+            term: n[0],
+            granted: flags.0,
+            pre_vote: flags.1,
+            reason,
+            ..Default::default()
+        };
+        match convert::vote_reply_from_pb(&vote) {
+            Ok(v) => {
+                prop_assert_eq!(v.term, n[0]);
+                prop_assert!(v.term <= MAX_TERM_OR_INDEX);
+                prop_assert_eq!(v.granted(), flags.0);
+                prop_assert_eq!(v.pre_vote, flags.1);
+            }
+            Err(_) => prop_assert!(n[0] > MAX_TERM_OR_INDEX),
+        }
+        let read = pb::ReadIndexReply {
+            term: n[0],
+            context: n[7],
+            success: flags.2,
+            read_index: n[1],
+            ..Default::default()
+        };
+        // A failed read carries no index, so only a successful one's counts.
+        let counted: &[u64] = if flags.2 { &[n[0], n[1]] } else { &[n[0]] };
+        match convert::read_index_reply_from_pb(&read) {
+            Ok(r) => {
+                prop_assert!(within(counted));
+                prop_assert_eq!(r.term, n[0]);
+                prop_assert_eq!(r.ctx, n[7]);
+                if let Ok(i) = r.result {
+                    prop_assert!(flags.2);
+                    prop_assert_eq!(i, n[1]);
+                }
+            }
+            Err(_) => prop_assert!(!within(counted)),
+        }
+        let install = pb::InstallSnapshotReply {
+            term: n[0],
+            result,
+            snapshot_index: n[1],
+            ..Default::default()
+        };
+        match convert::install_reply_from_pb(&install) {
+            Ok(i) => {
+                prop_assert!(within(&[i.term, i.snapshot_index]));
+                prop_assert_eq!((i.term, i.snapshot_index), (n[0], n[1]));
+            }
+            Err(_) => prop_assert!(!within(&n[..2])),
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_as_peer_messages_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         if let Ok(r) = pb::AppendEntriesRequest::decode(bytes.as_slice()) {
             let _ = convert::append_from_pb(r);
         }
-        if let Ok(r) = pb::AppendEntriesReply::decode(bytes.as_slice()) {
-            let _ = convert::append_reply_from_pb(&r);
+        if let Ok(r) = pb::AppendEntriesReply::decode(bytes.as_slice())
+            && let Ok(a) = convert::append_reply_from_pb(&r)
+        {
+            for v in [a.term, a.match_index, a.next_index, a.conflict_term, a.rejected_prev, a.follower_commit, a.round] {
+                prop_assert!(v <= MAX_TERM_OR_INDEX);
+            }
+        }
+        if let Ok(r) = pb::RequestVoteReply::decode(bytes.as_slice())
+            && let Ok(v) = convert::vote_reply_from_pb(&r)
+        {
+            prop_assert!(v.term <= MAX_TERM_OR_INDEX);
+        }
+        if let Ok(r) = pb::ReadIndexReply::decode(bytes.as_slice())
+            && let Ok(m) = convert::read_index_reply_from_pb(&r)
+        {
+            prop_assert!(m.term <= MAX_TERM_OR_INDEX);
+            prop_assert!(m.result.is_err() || m.result.clone().is_ok_and(|i| i <= MAX_TERM_OR_INDEX));
+        }
+        if let Ok(r) = pb::InstallSnapshotReply::decode(bytes.as_slice())
+            && let Ok(i) = convert::install_reply_from_pb(&r)
+        {
+            prop_assert!(i.term <= MAX_TERM_OR_INDEX && i.snapshot_index <= MAX_TERM_OR_INDEX);
         }
         if let Ok(c) = pb::Configuration::decode(bytes.as_slice()) {
             let _ = convert::membership_from_pb(&c);

@@ -17,8 +17,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,8 +29,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::liveness::{Liveness, LivenessOptions};
-use crate::convert::{self, membership_to_pb};
-use crate::core::{Envelope, InstallSnapshot, Membership, Message, NodeId};
+use crate::convert::{self, DecodeError, membership_to_pb};
+use crate::core::{
+    Envelope, InstallSnapshot, Membership, Message, NodeId, ReadIndexRequest, RequestVote,
+};
 use crate::server::group::{GroupMsg, ReplyPath, Transport};
 use crate::server::node::Router;
 
@@ -89,6 +91,117 @@ pub fn channel_from(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy())
+}
+
+/// Lets a warning through at most once per period and counts the rest, so
+/// a misbehaving peer cannot flood the log.
+#[derive(Debug)]
+struct Throttle {
+    period_ms: u64,
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    const fn new(period_ms: u64) -> Self {
+        Throttle {
+            period_ms,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` if this event may be logged, `n` having been suppressed
+    /// since the last one that was.
+    fn allow(&self) -> Option<u64> {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let mine = now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + self.period_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if !mine {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+static BAD_REPLY: Throttle = Throttle::new(10_000);
+static REFUSED: Throttle = Throttle::new(10_000);
+
+/// A reply that cannot be handed to the core is dropped like a lost packet:
+/// the leader retransmits, a candidate campaigns again, a read times out.
+fn drop_reply(from: NodeId, kind: &str, e: &DecodeError) {
+    if let Some(suppressed) = BAD_REPLY.allow() {
+        tracing::warn!(peer = from, error = %e, suppressed, "{kind} reply dropped");
+    }
+}
+
+/// Replies come back on the call or stream to one peer, and only that peer
+/// may speak for itself in them.
+fn check_replier(to: NodeId, said: NodeId) -> Result<(), DecodeError> {
+    if said != to {
+        return Err(DecodeError::Invalid(format!(
+            "the reply of member {to} names member {said} as its sender"
+        )));
+    }
+    Ok(())
+}
+
+fn append_reply(to: NodeId, r: &pb::AppendEntriesReply) -> Result<Message, DecodeError> {
+    check_replier(to, r.follower_id)?;
+    Ok(Message::AppendEntriesReply(convert::append_reply_from_pb(
+        r,
+    )?))
+}
+
+fn vote_reply(
+    to: NodeId,
+    sent: &RequestVote,
+    r: &pb::RequestVoteReply,
+) -> Result<Message, DecodeError> {
+    check_replier(to, r.voter_id)?;
+    // A granted real vote counts towards leadership where a pre-vote only
+    // permits a campaign: the two must not be confused.
+    if r.pre_vote != sent.pre_vote {
+        return Err(DecodeError::Invalid(format!(
+            "the answer to a {} is marked as the other kind",
+            if sent.pre_vote { "pre-vote" } else { "vote" }
+        )));
+    }
+    Ok(Message::RequestVoteReply(convert::vote_reply_from_pb(r)?))
+}
+
+fn read_index_reply(
+    sent: &ReadIndexRequest,
+    r: &pb::ReadIndexReply,
+) -> Result<Message, DecodeError> {
+    // The context says which waiting read the index is for.
+    if r.context != sent.ctx {
+        return Err(DecodeError::Invalid(format!(
+            "read index reply for context {} to a request with context {}",
+            r.context, sent.ctx
+        )));
+    }
+    Ok(Message::ReadIndexReply(convert::read_index_reply_from_pb(
+        r,
+    )?))
+}
+
+fn install_reply(to: NodeId, r: &pb::InstallSnapshotReply) -> Result<Message, DecodeError> {
+    check_replier(to, r.follower_id)?;
+    Ok(Message::InstallSnapshotReply(
+        convert::install_reply_from_pb(r)?,
+    ))
 }
 
 fn deliver(router: &Router, group: &[u8], from: NodeId, msg: GroupMsg) {
@@ -210,31 +323,34 @@ impl PeerTransport {
         let group = group.clone();
         let from = self.self_id;
         tokio::spawn(async move {
-            let reply = match msg {
+            let (kind, reply) = match msg {
                 Message::RequestVote(v) => {
                     let req = convert::vote_to_pb(&group, from, to, &v);
-                    call(client.request_vote(req))
-                        .await
-                        .map(|r| Message::RequestVoteReply(convert::vote_reply_from_pb(&r)))
+                    let reply = call(client.request_vote(req)).await;
+                    ("vote", reply.map(|r| vote_reply(to, &v, &r)))
                 }
                 Message::StartElection(s) => {
                     let req = convert::start_election_to_pb(&group, from, to, &s);
                     let _ = call(client.start_leader_election(req)).await;
-                    None
+                    return;
                 }
                 Message::ReadIndex(r) => {
                     let req = convert::read_index_to_pb(&group, from, &r);
-                    call(client.read_index(req))
-                        .await
-                        .map(|r| Message::ReadIndexReply(convert::read_index_reply_from_pb(&r)))
+                    let reply = call(client.read_index(req)).await;
+                    (
+                        "read index",
+                        reply.map(|reply| read_index_reply(&r, &reply)),
+                    )
                 }
                 other => {
                     tracing::error!(?other, "not a request message");
-                    None
+                    return;
                 }
             };
-            if let Some(m) = reply {
-                step(&router, &group, to, m);
+            match reply {
+                Some(Ok(m)) => step(&router, &group, to, m),
+                Some(Err(e)) => drop_reply(to, kind, &e),
+                None => {}
             }
         });
     }
@@ -334,14 +450,22 @@ async fn append_stream(
                         reply = replies.message() => match reply {
                             Ok(Some(r)) => {
                                 let group = r.group_id.clone().unwrap_or_default().id;
-                                match convert::append_reply_from_pb(&r) {
-                                    Ok(m) => step(&router, &group, r.follower_id, Message::AppendEntriesReply(m)),
-                                    Err(e) => tracing::warn!(to, error = %e, "bad append reply"),
+                                match append_reply(to, &r) {
+                                    Ok(m) => step(&router, &group, to, m),
+                                    Err(e) => drop_reply(to, "append", &e),
                                 }
                             }
                             Ok(None) => break,
                             Err(status) => {
-                                tracing::debug!(to, %status, "append stream broke");
+                                // The peer ends the stream this way when it
+                                // refuses what this node sent: worth seeing.
+                                if status.code() == tonic::Code::InvalidArgument {
+                                    if let Some(suppressed) = REFUSED.allow() {
+                                        tracing::warn!(to, error = %status.message(), suppressed, "peer refused an append");
+                                    }
+                                } else {
+                                    tracing::debug!(to, %status, "append stream broke");
+                                }
                                 break;
                             }
                         },
@@ -403,15 +527,16 @@ impl Transport for PeerTransport {
                 }
                 Ok::<_, tonic::Status>(last)
             };
-            match tokio::time::timeout(Duration::from_secs(300), result).await {
-                Ok(Ok(Some(r))) => step(
-                    &router,
-                    &group,
-                    to,
-                    Message::InstallSnapshotReply(convert::install_reply_from_pb(&r)),
-                ),
-                other => {
-                    tracing::warn!(to, result = ?other.map(|r| r.map(|_| ())), "snapshot transfer failed; retrying in half a second");
+            let outcome = match tokio::time::timeout(Duration::from_secs(300), result).await {
+                Ok(Ok(Some(r))) => install_reply(to, &r).map_err(|e| e.to_string()),
+                other => Err(format!("{:?}", other.map(|r| r.map(|_| ())))),
+            };
+            match outcome {
+                Ok(m) => step(&router, &group, to, m),
+                // A reply the core cannot take fails the transfer: the
+                // leader waits for an answer, and this is none.
+                Err(why) => {
+                    tracing::warn!(to, result = %why, "snapshot transfer failed; retrying in half a second");
                     // A member that is down or unreachable fails every
                     // transfer at once; without a pause the leader would
                     // retry in a tight loop.
@@ -505,4 +630,73 @@ pub fn snapshot_requests(
         last.done = true;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_warning_through_per_period_and_counts_the_rest() {
+        let t = Throttle::new(200);
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(t.allow(), Some(2));
+        assert_eq!(t.allow(), None);
+    }
+
+    #[test]
+    fn replies_are_checked_against_the_peer_and_the_request() {
+        let vote = RequestVote {
+            term: 3,
+            last_index: 0,
+            last_term: 0,
+            pre_vote: true,
+            transfer: false,
+            priority: 0,
+        };
+        let mut r = pb::RequestVoteReply {
+            voter_id: 2,
+            term: 3,
+            granted: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        assert!(vote_reply(2, &vote, &r).is_ok());
+        let e = vote_reply(5, &vote, &r).unwrap_err();
+        assert!(e.to_string().contains("member 5 names member 2"), "{e}");
+        r.pre_vote = false;
+        let e = vote_reply(2, &vote, &r).unwrap_err();
+        assert!(e.to_string().contains("pre-vote"), "{e}");
+
+        let read = ReadIndexRequest { term: 3, ctx: 8 };
+        let mut r = pb::ReadIndexReply {
+            context: 8,
+            success: true,
+            read_index: 4,
+            term: 3,
+            ..Default::default()
+        };
+        assert!(read_index_reply(&read, &r).is_ok());
+        r.context = 9;
+        assert!(read_index_reply(&read, &r).is_err());
+
+        let r = pb::InstallSnapshotReply {
+            follower_id: 0,
+            term: 3,
+            result: pb::InstallSnapshotResult::Success as i32,
+            ..Default::default()
+        };
+        assert!(install_reply(2, &r).is_err());
+        let r = pb::AppendEntriesReply {
+            follower_id: 2,
+            term: 3,
+            result: pb::AppendResult::Success as i32,
+            ..Default::default()
+        };
+        assert!(append_reply(2, &r).is_ok());
+        assert!(append_reply(3, &r).is_err());
+    }
 }

@@ -61,6 +61,18 @@ impl Services {
         })
     }
 
+    /// Refuses a peer request whose sender is member 0 (no member) or this
+    /// node itself: the core would take either for a real peer, e.g. follow
+    /// "leader 0", or keep a snapshot it then never answers for.
+    fn check_sender(&self, what: &str, from: NodeId) -> Result<(), Status> {
+        if from == 0 || from == self.node.id {
+            return Err(Status::invalid_argument(format!(
+                "{what} from member {from}: the sender must be another member (a non-zero id that is not this node's)"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_addressed(&self, to: NodeId) -> Result<(), Status> {
         if to != 0 && to != self.node.id {
             return Err(Status::failed_precondition(format!(
@@ -103,12 +115,7 @@ impl Services {
 impl RaftServerProtocolService for Services {
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
         let r = req.into_inner();
-        if r.from == 0 || r.from == self.node.id {
-            return Err(Status::invalid_argument(format!(
-                "ping from member {}: the sender must be another member (a non-zero id that is not this node's)",
-                r.from
-            )));
-        }
+        self.check_sender("ping", r.from)?;
         let incarnation = self.node.transport().pinged(r.from, r.incarnation);
         Ok(Response::new(pb::PingReply {
             server_id: self.node.id,
@@ -122,6 +129,7 @@ impl RaftServerProtocolService for Services {
     ) -> Result<Response<pb::RequestVoteReply>, Status> {
         let r = req.into_inner();
         self.check_addressed(r.voter_id)?;
+        self.check_sender("vote request", r.candidate_id)?;
         let g = self.group(&r.group_id)?;
         match self
             .ask_peer(
@@ -146,6 +154,7 @@ impl RaftServerProtocolService for Services {
     ) -> Result<Response<pb::StartLeaderElectionReply>, Status> {
         let r = req.into_inner();
         self.check_addressed(r.target_id)?;
+        self.check_sender("election request", r.leader_id)?;
         let g = self.group(&r.group_id)?;
         let msg = Message::StartElection(convert::start_election_from_pb(&r).map_err(invalid)?);
         let accepted =
@@ -171,6 +180,7 @@ impl RaftServerProtocolService for Services {
     ) -> Result<Response<Self::AppendEntriesStream>, Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4096);
+        let (refuse, refusal) = oneshot::channel::<Status>();
         let this = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
@@ -183,7 +193,10 @@ impl RaftServerProtocolService for Services {
                     continue;
                 };
                 let from = r.leader_id;
-                match convert::append_from_pb(r) {
+                let checked = this
+                    .check_sender("append", from)
+                    .and_then(|()| convert::append_from_pb(r).map_err(invalid));
+                match checked {
                     Ok(a) => {
                         let m = GroupMsg::Step {
                             from,
@@ -196,11 +209,32 @@ impl RaftServerProtocolService for Services {
                             continue;
                         }
                     }
-                    Err(e) => tracing::warn!(from, error = %e, "malformed append refused"),
+                    Err(status) => {
+                        // No real leader sends this: end the stream with the
+                        // reason, so the sender's log says what it got wrong.
+                        // It reconnects after a pause, which bounds these
+                        // warnings too.
+                        tracing::warn!(from, error = %status.message(), "append refused");
+                        let _ = refuse.send(status);
+                        return;
+                    }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let replies = futures_util::stream::select(
+            ReceiverStream::new(rx).map(Ok),
+            futures_util::stream::once(refusal).filter_map(|r| std::future::ready(r.ok().map(Err))),
+        )
+        // The groups keep their reply senders, so the stream would stay open
+        // after a refusal; it ends with it instead.
+        .scan(false, |refused, item| {
+            let next = (!*refused).then(|| {
+                *refused = item.is_err();
+                item
+            });
+            std::future::ready(next)
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     type InstallSnapshotStream = BoxStream<pb::InstallSnapshotReply>;
@@ -215,35 +249,47 @@ impl RaftServerProtocolService for Services {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_addressed(head.follower_id)?;
+        self.check_sender("snapshot", head.leader_id)?;
         let g = self.group(&head.group_id)?;
         let last = head.last_included.ok_or_else(|| {
             Status::invalid_argument("the first snapshot message must carry last_included")
         })?;
-        for (what, v) in [
-            ("leader term", head.leader_term),
-            ("snapshot term", last.term),
-            ("snapshot index", last.index),
-        ] {
-            if v > convert::MAX_TERM_OR_INDEX {
-                return Err(Status::invalid_argument(format!(
-                    "{what} {v} is beyond the largest possible ({})",
-                    convert::MAX_TERM_OR_INDEX
-                )));
-            }
-        }
+        convert::bounded("leader term", head.leader_term).map_err(invalid)?;
+        convert::bounded("snapshot term", last.term).map_err(invalid)?;
+        convert::bounded("snapshot index", last.index).map_err(invalid)?;
         let membership = membership_from_pb(&head.configuration.clone().unwrap_or_default())
             .map_err(|e| Status::invalid_argument(format!("snapshot configuration: {e}")))?;
-        let total: u64 = head.files.iter().map(|f| f.size).sum();
+        // Checked: wrapped declared sizes would pass the limit and then
+        // reserve (or receive) far more than it.
+        let total = head
+            .files
+            .iter()
+            .try_fold(0u64, |t, f| t.checked_add(f.size))
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "the declared sizes of the snapshot files add up past 2^64 bytes",
+                )
+            })?;
         if total > MAX_SNAPSHOT_BYTES {
             return Err(Status::resource_exhausted(format!(
                 "snapshot of {total} bytes is over the {MAX_SNAPSHOT_BYTES}-byte limit"
             )));
         }
-        let mut files: HashMap<String, Vec<u8>> = head
-            .files
-            .iter()
-            .map(|f| (f.name.clone(), Vec::with_capacity(f.size as usize)))
-            .collect();
+        // Each file's declared size, and what has arrived of it. Memory is
+        // reserved a chunk at most ahead of what arrives: a declared size is
+        // a claim, and concurrent streams claiming 2 GiB each would reserve
+        // it all before a byte came.
+        let mut files: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+        for f in &head.files {
+            let ahead = f.size.min(super::peer::SNAPSHOT_CHUNK as u64);
+            let fresh = (f.size, Vec::with_capacity(ahead as usize));
+            if files.insert(f.name.clone(), fresh).is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot file {:?} is listed twice",
+                    f.name
+                )));
+            }
+        }
         let mut done = head.done;
         while !done {
             let Some(r) = inbound.message().await? else {
@@ -253,8 +299,16 @@ impl RaftServerProtocolService for Services {
             };
             done = r.done;
             let Some(c) = r.chunk else { continue };
-            let buf = files.get_mut(&c.file_name).ok_or_else(|| {
+            let (size, buf) = files.get_mut(&c.file_name).ok_or_else(|| {
                 Status::invalid_argument(format!("chunk for unlisted file {:?}", c.file_name))
+            })?;
+            let end = c.offset.checked_add(c.data.len() as u64).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "chunk of {:?} at offset {} with {} bytes ends past 2^64",
+                    c.file_name,
+                    c.offset,
+                    c.data.len()
+                ))
             })?;
             if c.offset != buf.len() as u64 {
                 return Err(Status::invalid_argument(format!(
@@ -264,10 +318,18 @@ impl RaftServerProtocolService for Services {
                     buf.len()
                 )));
             }
+            // Nothing beyond the declared size is kept: the limit above
+            // holds for what arrives, not only for what was announced.
+            if end > *size {
+                return Err(Status::invalid_argument(format!(
+                    "chunk of {:?} ends at byte {end}, past the file's declared size of {size} bytes",
+                    c.file_name
+                )));
+            }
             buf.extend_from_slice(&c.data);
         }
         for f in &head.files {
-            let data = &files[&f.name];
+            let data = &files[&f.name].1;
             if data.len() as u64 != f.size || crc32c::crc32c(data) != f.crc32c {
                 return Err(Status::data_loss(format!(
                     "snapshot file {:?} arrived damaged (size or checksum differs)",
@@ -284,7 +346,10 @@ impl RaftServerProtocolService for Services {
                 term: last.term,
                 membership,
             },
-            files: files.into_iter().collect(),
+            files: files
+                .into_iter()
+                .map(|(name, (_, data))| (name, data))
+                .collect(),
             reply: tx,
         };
         g.tx.send(msg)
@@ -304,6 +369,7 @@ impl RaftServerProtocolService for Services {
         req: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexReply>, Status> {
         let r = req.into_inner();
+        self.check_sender("read index request", r.follower_id)?;
         let g = self.group(&r.group_id)?;
         match self
             .ask_peer(

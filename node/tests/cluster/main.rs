@@ -640,6 +640,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         .request_vote(pb::RequestVoteRequest {
             group_id: gid("nope"),
             voter_id: c.members[0].id,
+            candidate_id: 424242,
             term: 99,
             ..Default::default()
         })
@@ -683,6 +684,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     // A snapshot stream that lies about its files.
     let bad = pb::InstallSnapshotRequest {
         group_id: gid("default"),
+        leader_id: 424242,
         follower_id: c.members[0].id,
         leader_term: 1,
         last_included: Some(pb::TermIndex { term: 1, index: 5 }),
@@ -1072,11 +1074,16 @@ enum AnyRequest {
     Vote(pb::RequestVoteRequest),
     ReadIndex(pb::ReadIndexRequest),
     Append(pb::AppendEntriesRequest),
+    StartElection(pb::StartLeaderElectionRequest),
+    InstallSnapshot(Vec<pb::InstallSnapshotRequest>),
 }
 
+/// `term` is the real group's: snapshots from a plausible leader stay below
+/// it, and requests from no member go beyond it.
 fn any_request(
     real_group: &'static str,
     member: u64,
+    term: u64,
 ) -> impl proptest::strategy::Strategy<Value = AnyRequest> {
     use proptest::prelude::*;
     let bytes = |max| prop::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
@@ -1100,6 +1107,23 @@ fn any_request(
     );
     let peers = prop::collection::vec(peer, 0..4);
     let big = prop_oneof![any::<u64>(), 0u64..10, Just(u64::MAX)];
+    // No member, or the member itself: refused whatever else the request
+    // says, so these may name the real group with any numbers.
+    let nobody = prop_oneof![Just(0u64), Just(member)];
+    let sizes = prop_oneof![
+        0u64..8,
+        Just(u64::MAX),
+        Just(1u64 << 63),
+        Just((1u64 << 62) + 1),
+        any::<u64>()
+    ];
+    let name = prop_oneof![
+        Just("kv".to_string()),
+        Just("x".to_string()),
+        "[a-z./]{0,6}"
+    ];
+    let files = prop::collection::vec((name.clone(), sizes.clone()), 0..4);
+    let chunks = prop::collection::vec((name, sizes, bytes(16), any::<bool>()), 0..4);
     prop_oneof![
         (group.clone(), peers.clone(), peers.clone(), 0i32..5).prop_map(|(g, p, e, mode)| {
             AnyRequest::SetConfiguration(pb::SetConfigurationRequest {
@@ -1204,7 +1228,7 @@ fn any_request(
                 ..Default::default()
             })
         }),
-        (big.clone(), big).prop_map(move |(t, i)| {
+        (big.clone(), big.clone()).prop_map(move |(t, i)| {
             AnyRequest::Append(pb::AppendEntriesRequest {
                 group_id: gid(real_group),
                 leader_id: 424242,
@@ -1214,6 +1238,101 @@ fn any_request(
                 ..Default::default()
             })
         }),
+        (nobody.clone(), 0u8..5, big.clone(), big.clone()).prop_map(move |(from, kind, t, i)| {
+            let last = Some(pb::TermIndex { term: t, index: i });
+            // Sane numbers too: the sender alone makes these bad.
+            let t = if t % 2 == 0 { term + 1 } else { t };
+            match kind {
+                0 => AnyRequest::Vote(pb::RequestVoteRequest {
+                    group_id: gid(real_group),
+                    voter_id: member,
+                    candidate_id: from,
+                    term: t,
+                    last_entry: last,
+                    ..Default::default()
+                }),
+                1 => AnyRequest::ReadIndex(pb::ReadIndexRequest {
+                    group_id: gid(real_group),
+                    follower_id: from,
+                    term: t,
+                    ..Default::default()
+                }),
+                2 => AnyRequest::StartElection(pb::StartLeaderElectionRequest {
+                    group_id: gid(real_group),
+                    leader_id: from,
+                    target_id: member,
+                    leader_term: t,
+                    leader_last_entry: last,
+                }),
+                3 => AnyRequest::Append(pb::AppendEntriesRequest {
+                    group_id: gid(real_group),
+                    leader_id: from,
+                    follower_id: member,
+                    leader_term: t,
+                    previous: last,
+                    ..Default::default()
+                }),
+                _ => AnyRequest::InstallSnapshot(vec![pb::InstallSnapshotRequest {
+                    group_id: gid(real_group),
+                    leader_id: from,
+                    follower_id: member,
+                    leader_term: t,
+                    last_included: Some(pb::TermIndex {
+                        term: t,
+                        index: i % 1000 + 1000,
+                    }),
+                    done: true,
+                    ..Default::default()
+                }]),
+            }
+        }),
+        // A snapshot from a plausible leader with any declared sizes and
+        // chunks. Its term is older (a snapshot of the current term from
+        // another member would be believed: peers are trusted), so even one
+        // that arrives whole changes nothing.
+        (
+            prop_oneof![0..term.max(1), Just(u64::MAX)],
+            0u64..3,
+            files,
+            chunks,
+        )
+            .prop_map(move |(t, index, files, chunks)| {
+                let head = pb::InstallSnapshotRequest {
+                    group_id: gid(real_group),
+                    leader_id: 424242,
+                    follower_id: member,
+                    leader_term: t,
+                    last_included: Some(pb::TermIndex { term: t, index }),
+                    files: files
+                        .into_iter()
+                        .map(|(name, size)| pb::SnapshotFile {
+                            name,
+                            size,
+                            crc32c: 0,
+                        })
+                        .collect(),
+                    done: chunks.is_empty(),
+                    ..Default::default()
+                };
+                let n = chunks.len();
+                let rest = chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, (name, offset, data, at))| {
+                        pb::InstallSnapshotRequest {
+                            chunk: Some(pb::SnapshotChunk {
+                                file_name: name,
+                                // Mostly where the file's received bytes end.
+                                offset: if at { 0 } else { offset },
+                                data,
+                                done: k + 1 == n,
+                            }),
+                            done: k + 1 == n,
+                            ..Default::default()
+                        }
+                    });
+                AnyRequest::InstallSnapshot(std::iter::once(head).chain(rest).collect())
+            }),
     ]
 }
 
@@ -1235,7 +1354,7 @@ async fn arbitrary_requests_to_every_service_are_answered_and_change_nothing() {
     let before = c.info(0, "default").await.unwrap();
     let addr = c.members[0].addr.clone();
     let ch = kuberaft_node::rpc::peer::channel(&addr).unwrap();
-    let strategy = any_request("default", c.members[0].id);
+    let strategy = any_request("default", c.members[0].id, before.term);
     let mut runner = TestRunner::new(Config {
         cases: 200,
         ..Config::default()
@@ -1273,10 +1392,19 @@ async fn arbitrary_requests_to_every_service_are_answered_and_change_nothing() {
                         .await
                         .unwrap()
                         .into_inner();
-                    // A refused append gets no reply on the stream; the
-                    // stream just ends or stays quiet.
-                    let _ = tokio::time::timeout(Duration::from_millis(200), s.message()).await;
-                    None
+                    // A refused append ends the stream with the reason; an
+                    // append for a group or member this is not gets nothing.
+                    tokio::time::timeout(Duration::from_millis(200), s.message())
+                        .await
+                        .ok()
+                        .and_then(|r| r.err())
+                }
+                AnyRequest::StartElection(r) => peer.start_leader_election(r).await.err(),
+                AnyRequest::InstallSnapshot(r) => {
+                    match peer.install_snapshot(tokio_stream::iter(r)).await {
+                        Ok(s) => s.into_inner().message().await.err(),
+                        Err(s) => Some(s),
+                    }
                 }
             };
             if let Some(s) = status {
