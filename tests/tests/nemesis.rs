@@ -31,10 +31,16 @@ async fn short_nemesis_with_the_leader_lease_finds_no_anomaly() {
     // also for a leader that is cut off and starved of CPU.
     let mut opts = NemesisOptions::new(20261201, Duration::from_secs(30));
     opts.leader_lease = true;
-    opts.faults = ["throttle-leader", "isolate-leader", "pause", "partition", "kill"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    opts.faults = [
+        "throttle-leader",
+        "isolate-leader",
+        "pause",
+        "partition",
+        "kill",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let report = run(opts).await.expect("the nemesis could not run");
     println!("{report}");
     assert!(

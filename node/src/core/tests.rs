@@ -1522,3 +1522,42 @@ fn t60_a_read_index_reply_from_an_earlier_term_fails_the_read_instead_of_hanging
         "the read is answered, not left hanging: {events:?}"
     );
 }
+
+#[test]
+fn t30_impossible_replies_within_the_wire_bounds_are_ignored() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let (_, index) = net.propose(1, "a");
+    let term = net.nodes[&1].term();
+    // A reply to a round the leader never started, claiming more log than
+    // the leader has.
+    let forged = AppendEntriesReply {
+        term,
+        result: AppendResult::Success,
+        match_index: index + 1_000,
+        next_index: index + 1_001,
+        conflict_term: 0,
+        rejected_prev: 0,
+        follower_commit: index,
+        round: 1_000_000,
+        quiet: false,
+    };
+    net.cut.insert(3);
+    net.core(1).step(2, Message::AppendEntriesReply(forged));
+    net.cut.insert(2);
+    // Without a real heartbeat quorum, a read must not be confirmed.
+    net.core(1).read_index(3);
+    net.tick_all(2);
+    assert_eq!(
+        read_ready(&net.take_events(1), 3),
+        None,
+        "no quorum, no read"
+    );
+    net.cut.clear();
+    net.tick_all(4);
+    let ev = net.take_events(1);
+    assert_eq!(read_ready(&ev, 3), Some(index), "{ev:?}");
+    let (_, next) = net.propose(1, "b");
+    net.tick_all(2);
+    assert_eq!(net.commit(2), next, "replication to n2 goes on");
+}

@@ -237,13 +237,16 @@ async fn members_are_added_and_removed_under_load() {
     // The removed member itself learns the final configuration (it was
     // replicated to until it held it), stops campaigning and says so.
     let rid = c.members[removed].id;
-    poll("the removed member to hold the final configuration", || async {
-        let (_, status) = c.http_get(removed, "/status");
-        let info = c.info(removed, "default").await?;
-        let conf = info.configuration?;
-        let out = conf.old_peers.is_empty() && conf.peers.iter().all(|p| p.id != rid);
-        (out && status.contains("\"removed\":true")).then_some(())
-    })
+    poll(
+        "the removed member to hold the final configuration",
+        || async {
+            let (_, status) = c.http_get(removed, "/status");
+            let info = c.info(removed, "default").await?;
+            let conf = info.configuration?;
+            let out = conf.old_peers.is_empty() && conf.peers.iter().all(|p| p.id != rid);
+            (out && status.contains("\"removed\":true")).then_some(())
+        },
+    )
     .await;
     c.caught_up(newcomer, "default", leader).await;
     let check = c.client("default", &members);

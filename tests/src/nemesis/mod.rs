@@ -443,7 +443,9 @@ impl Run {
                     self.note(format!("throttle-leader: {group} has no leader now"));
                     return Ok(());
                 };
-                self.note(format!("isolate and throttle member {l}, leader of {group}"));
+                self.note(format!(
+                    "isolate and throttle member {l}, leader of {group}"
+                ));
                 for o in self.members().into_iter().filter(|o| *o != l) {
                     self.procs.net.set(l, o, Link::Down);
                     self.procs.net.set(o, l, Link::Down);
@@ -452,7 +454,8 @@ impl Run {
                 // --cpus=0.2`): runnable for a slice of every period, then
                 // frozen until the next. Ticks the task misses meanwhile
                 // must still count against the lease.
-                let until = Instant::now() + Duration::from_millis(self.rng.random_range(1500..4000));
+                let until =
+                    Instant::now() + Duration::from_millis(self.rng.random_range(1500..4000));
                 while Instant::now() < until {
                     self.procs.pause(l, true);
                     tokio::time::sleep(Duration::from_millis(40)).await;

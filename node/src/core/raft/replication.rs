@@ -285,6 +285,14 @@ impl RaftCore {
             .find(|(r, _)| *r == m.round)
             .map(|(_, t)| *t);
         let quiesce_round = self.ls().quiesce_round;
+        // Within the wire bounds but impossible: a follower cannot hold
+        // more than this leader sent, nor answer a round not yet started.
+        // Believed, the first would push next_index past the log, the second
+        // would confirm every later read round without a heartbeat.
+        let (last, round) = (self.log.last_index(), self.ls().round);
+        if m.match_index > last || m.round > round {
+            return;
+        }
         let Some(pr) = self.ls().progress.get_mut(&from) else {
             return;
         };
@@ -531,11 +539,12 @@ impl RaftCore {
         if self.role != Role::Leader {
             return;
         }
+        let last = self.log.last_index();
         let Some(pr) = self.ls().progress.get_mut(&from) else {
             return;
         };
         pr.active = true;
-        if m.accepted {
+        if m.accepted && m.snapshot_index <= last {
             pr.match_index = pr.match_index.max(m.snapshot_index);
         }
         pr.become_probe();

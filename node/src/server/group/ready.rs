@@ -16,7 +16,6 @@ use crate::convert::append_reply_to_pb;
 use crate::core::{Envelope, Event, Index, Message, NodeId, ReadError, Role};
 use crate::storage::{Completion, WriteBatch};
 
-
 type ClientResult2 = Result<(), ClientError>;
 
 impl Group {
