@@ -414,11 +414,11 @@ impl OneNode {
             advertise: addr.clone(),
             group: GroupOptions {
                 tick: Duration::from_millis(10),
+                // Generous: the test machine is shared.
+                stall_threshold: Duration::from_secs(5),
                 ..GroupOptions::default()
             },
             storage: GroupStorageOptions::default(),
-            // Generous: the test machine is shared.
-            stall_threshold: Duration::from_secs(5),
             log_threads: 1,
         };
         let node = Node::open(opts, |id, router| -> Arc<dyn Transport> {
