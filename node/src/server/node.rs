@@ -55,7 +55,10 @@ pub struct NodeOptions {
 /// Why a node or group operation failed; says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("group {0} does not exist on this node; create it with groupManagement add")]
+    #[error(
+        "group {0} does not exist on this node; create it with groupManagement add \
+         (on the command line: kuberaft group create --group NAME)"
+    )]
     UnknownGroup(String),
     #[error("group {0} already exists on this node")]
     GroupExists(String),

@@ -1362,3 +1362,50 @@ async fn idle_groups_go_quiet_and_elect_fast_when_their_leader_dies() {
     let cl = c.client(&names[0], &[victim]);
     assert_eq!(cl.get(b"k").await.unwrap(), Some(Bytes::from("after")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_no_member_hosts_is_refused_at_once_and_nothing_may_take_effect() {
+    use kuberaft_node::client::ClientError;
+    use std::time::{Duration, Instant};
+    // Member 0 hosts no group: a client that asks it first must still reach
+    // the group through the others, so only a refusal by every member is
+    // taken as the answer.
+    let c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &[1, 2]).await;
+    c.leader("default", &[1, 2]).await;
+    c.client("default", &c.all()).put(b"k", b"v").await.unwrap();
+
+    // Well inside the client's 30 s deadline: nothing is retried.
+    let quick = Duration::from_secs(3);
+    let started = Instant::now();
+    let err = c
+        .client("nope", &c.all())
+        .put(b"k", b"v")
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    assert!(took < quick, "answered after {took:?}: {msg}");
+    assert!(
+        msg.contains("nope") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert!(!msg.contains("may still take effect"), "{msg}");
+    assert!(
+        matches!(&err, ClientError::UnknownGroup { group, .. } if group == "nope"),
+        "{err:?}"
+    );
+
+    // The CLI, with its default 20 s deadline: one line, the same answer.
+    let started = Instant::now();
+    let (ok, _, err) = c.cli(&c.all(), &["--group", "nope", "put", "k", "v"]);
+    let took = started.elapsed();
+    assert!(!ok);
+    assert!(took < quick, "answered after {took:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("nope") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("may still take effect"), "{err}");
+}
