@@ -1409,3 +1409,35 @@ async fn a_group_no_member_hosts_is_refused_at_once_and_nothing_may_take_effect(
     );
     assert!(!err.contains("may still take effect"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_addressed_admin_commands_work_with_the_first_listed_peer_down() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &c.all()).await;
+    c.leader("default", &c.all()).await;
+    c.client("default", &c.all()).put(b"k", b"v").await.unwrap();
+    // The first of --peers is down: exactly when an operator reaches for
+    // these commands.
+    c.kill(0);
+    let id = |i: usize| c.members[i].id.to_string();
+
+    let (ok, out, err) = c.cli(&c.all(), &["snapshot", "create", "--member", &id(1)]);
+    assert!(ok, "snapshot create: {err}");
+    assert!(out.contains("snapshot at index"), "{out}");
+
+    let (ok, _, err) = c.cli(&c.all(), &["election", "pause", "--member", &id(2)]);
+    assert!(ok, "election pause: {err}");
+    assert!(c.info(2, "default").await.unwrap().elections_paused);
+
+    // A member missing from --peers is found in the configuration a live
+    // peer reports.
+    let (ok, _, err) = c.cli(&[0, 1], &["election", "resume", "--member", &id(2)]);
+    assert!(ok, "election resume: {err}");
+    assert!(!c.info(2, "default").await.unwrap().elections_paused);
+
+    // A member no one knows: refused, saying which peers were asked.
+    let (ok, _, err) = c.cli(&c.all(), &["snapshot", "create", "--member", "12345"]);
+    assert!(!ok);
+    assert!(err.contains("member 12345"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
