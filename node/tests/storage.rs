@@ -847,3 +847,33 @@ mod recovery {
         assert_eq!(g.log.first_index(), 16);
     }
 }
+
+/// The binaries print an error with its chain of causes (`{:#}`); a cause
+/// that is also spelled out in its wrapper's message came out twice.
+#[test]
+fn storage_and_node_errors_name_their_cause_once() {
+    use kuberaft_node::server::node::NodeError;
+    let path = Path::new("/data/groups/x/log/log_inprogress_1");
+    let errors = [
+        NodeError::from(StorageError::Corrupt {
+            file: path.into(),
+            offset: 0,
+            reason: "not a log segment file (wrong magic)".into(),
+        }),
+        NodeError::from(StorageError::io(
+            "read",
+            path,
+            std::io::Error::other("disk on fire"),
+        )),
+        NodeError::Io {
+            what: "create",
+            path: path.into(),
+            error: std::io::Error::other("disk on fire"),
+        },
+    ];
+    for e in errors {
+        let shown = format!("{:#}", anyhow::Error::from(e).context("cannot open"));
+        assert_eq!(shown.matches(path.to_str().unwrap()).count(), 1, "{shown}");
+        assert!(shown.matches("disk on fire").count() <= 1, "{shown}");
+    }
+}

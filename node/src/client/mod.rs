@@ -8,7 +8,10 @@
 //! Each call goes to the member believed to lead. A NotLeader answer moves it
 //! to the suggested leader (or the next member); transport failures, a leader
 //! stepping down and back-pressure retry with exponential backoff and jitter
-//! until the call's deadline. A write keeps its call id across retries, so
+//! until the call's deadline. A member that does not host the group sends the
+//! call on to the next; once every member refused it that way the group does
+//! not exist, a definite answer that fails the call at once
+//! ([`ClientError::UnknownGroup`]): waiting could not change it. A write keeps its call id across retries, so
 //! the servers' retry cache applies it at most once and a retry gets the
 //! first attempt's answer: exactly-once within the retry-cache window.
 //!
@@ -33,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::rpc::peer::channel;
+use crate::server::group::display_group;
 
 /// The group a CLI or client uses when none is named.
 pub const DEFAULT_GROUP: &str = "default";
@@ -75,6 +79,11 @@ pub enum ClientError {
         message: String,
         rejected_before_logging: bool,
     },
+    /// Every member the client knows said it does not host the group, and
+    /// no attempt of the call reached one that did: it was applied nowhere.
+    /// `message` is the server's, which says how to create the group.
+    #[error("{message}")]
+    UnknownGroup { group: String, message: String },
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("the answer could not be decoded: {0}")]
@@ -132,6 +141,16 @@ pub struct Client {
 enum Attempt {
     Done(pb::ClientReply),
     Fatal(ClientError),
+    /// The member does not host the group: the next one may.
+    NoGroup {
+        why: String,
+        message: String,
+    },
+    /// The request never left this process (no connection): like `Retry`,
+    /// but certainly not applied.
+    Unsent {
+        why: String,
+    },
     Retry {
         why: String,
         next: Option<usize>,
@@ -312,6 +331,12 @@ impl Client {
         let mut last = String::from("no attempt made");
         let mut target = self.inner.leader.load(Ordering::Relaxed);
         let mut attempts = 0u32;
+        // Members (by connection) that said they do not host the group.
+        let mut without_group = BTreeSet::new();
+        // Whether a member hosting the group may have got this call: a
+        // write it took may still be applied, so no later refusal can
+        // prove that it was applied nowhere (a group removed meanwhile).
+        let mut maybe_delivered = false;
         loop {
             let left = o.timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
@@ -353,8 +378,30 @@ impl Client {
                     });
                 }
                 Attempt::Fatal(e) => return Err(e),
-                Attempt::Retry { why, next } => (why, next, false),
-                Attempt::Wait { why } => (why, None, true),
+                Attempt::NoGroup { why, message } => {
+                    without_group.insert(target);
+                    let n = self.inner.conns.lock().expect("lock").len();
+                    if without_group.len() >= n && !(is_write && maybe_delivered) {
+                        return Err(ClientError::UnknownGroup {
+                            group: display_group(&self.inner.group),
+                            message,
+                        });
+                    }
+                    (why, None, false)
+                }
+                Attempt::Unsent { why } => (why, None, false),
+                // Any other answer may come from a member that hosts the
+                // group, or at least cannot say it does not.
+                Attempt::Retry { why, next } => {
+                    without_group.remove(&target);
+                    maybe_delivered = true;
+                    (why, next, false)
+                }
+                Attempt::Wait { why } => {
+                    without_group.remove(&target);
+                    maybe_delivered = true;
+                    (why, None, true)
+                }
             };
             // An attempt cut short by the call's own deadline says nothing
             // new; the reason before it is the useful one.
@@ -395,7 +442,7 @@ impl Client {
         let conn = self.inner.conns.lock().expect("lock")[target].clone();
         let stream = match self.stream(&conn).await {
             Ok(s) => s,
-            Err(why) => return Attempt::Retry { why, next: None },
+            Err(why) => return Attempt::Unsent { why },
         };
         let tag = self.inner.next_tag.fetch_add(1, Ordering::Relaxed);
         req.sequence_number = tag;
@@ -404,9 +451,8 @@ impl Client {
         stream.waiters.lock().expect("lock").insert(tag, tx);
         if stream.tx.send(req).await.is_err() {
             stream.alive.store(false, Ordering::Relaxed);
-            return Attempt::Retry {
+            return Attempt::Unsent {
                 why: format!("connection to {} closed", conn.address),
-                next: None,
             };
         }
         // The server gives up after the attempt's timeout; a connection that
@@ -483,9 +529,9 @@ impl Client {
                 why: format!("{}: {}", conn.address, c.message),
                 next: None,
             },
-            Kind::GroupMismatch(g) => Attempt::Retry {
+            Kind::GroupMismatch(g) => Attempt::NoGroup {
                 why: format!("{}: {}", conn.address, g.message),
-                next: None,
+                message: g.message,
             },
         }
     }

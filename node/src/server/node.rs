@@ -50,9 +50,16 @@ pub struct NodeOptions {
 }
 
 /// Why a node or group operation failed; says what to do.
+///
+/// A variant either spells its cause out in its message or wraps it
+/// transparently, never both: whoever prints the chain of causes (`{:#}`
+/// in the binaries) would otherwise print the cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("group {0} does not exist on this node; create it with groupManagement add")]
+    #[error(
+        "group {0} does not exist on this node; create it with groupManagement add \
+         (on the command line: kuberaft group create --group NAME)"
+    )]
     UnknownGroup(String),
     #[error("group {0} already exists on this node")]
     GroupExists(String),
@@ -60,15 +67,16 @@ pub enum NodeError {
     BadGroupId(String),
     #[error("invalid peers: {0}")]
     BadPeers(String),
-    #[error("{0}")]
+    #[error(transparent)]
     StateMachine(#[from] statemachine::StateMachineError),
-    #[error("storage: {0}")]
+    /// Names the file and what to do about it.
+    #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {error}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Start(String),
@@ -76,7 +84,7 @@ pub enum NodeError {
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + use<> {
     let path = path.to_path_buf();
-    move |source| NodeError::Io { what, path, source }
+    move |error| NodeError::Io { what, path, error }
 }
 
 pub fn hex(id: &[u8]) -> String {

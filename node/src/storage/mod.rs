@@ -90,14 +90,16 @@ pub(crate) fn unavailable<L: LogStore + ?Sized>(log: &L, lo: Index, hi: Index) -
 
 /// A storage failure. Corruption names the file and byte offset and says
 /// what the operator can do.
+///
+/// The operating system's error is part of the message, not a `source`:
+/// a printer of the whole chain (`{:#}`) would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{op} {}: {source}{}", path.display(), io_hint(source))]
+    #[error("{op} {}: {error}{}", path.display(), io_hint(error))]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "{} is corrupt at byte {offset}: {reason}. The member cannot start safely: restore it from a \
@@ -142,17 +144,17 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+    pub fn io(op: &'static str, path: &Path, error: io::Error) -> Self {
         StorageError::Io {
             op,
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 
     /// A full disk: writes can resume once space is freed.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, StorageError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull)
+        matches!(self, StorageError::Io { error, .. } if error.kind() == io::ErrorKind::StorageFull)
     }
 }
 

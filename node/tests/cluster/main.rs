@@ -1506,3 +1506,82 @@ async fn idle_groups_go_quiet_and_elect_fast_when_their_leader_dies() {
     let cl = c.client(&names[0], &[victim]);
     assert_eq!(cl.get(b"k").await.unwrap(), Some(Bytes::from("after")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_no_member_hosts_is_refused_at_once_and_nothing_may_take_effect() {
+    use kuberaft_node::client::ClientError;
+    use std::time::{Duration, Instant};
+    // Member 0 hosts no group: a client that asks it first must still reach
+    // the group through the others, so only a refusal by every member is
+    // taken as the answer.
+    let c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &[1, 2]).await;
+    c.leader("default", &[1, 2]).await;
+    c.client("default", &c.all()).put(b"k", b"v").await.unwrap();
+
+    // Well inside the client's 30 s deadline: nothing is retried.
+    let quick = Duration::from_secs(3);
+    let started = Instant::now();
+    let err = c
+        .client("nope", &c.all())
+        .put(b"k", b"v")
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    assert!(took < quick, "answered after {took:?}: {msg}");
+    assert!(
+        msg.contains("nope") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert!(!msg.contains("may still take effect"), "{msg}");
+    assert!(
+        matches!(&err, ClientError::UnknownGroup { group, .. } if group == "nope"),
+        "{err:?}"
+    );
+
+    // The CLI, with its default 20 s deadline: one line, the same answer.
+    let started = Instant::now();
+    let (ok, _, err) = c.cli(&c.all(), &["--group", "nope", "put", "k", "v"]);
+    let took = started.elapsed();
+    assert!(!ok);
+    assert!(took < quick, "answered after {took:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("nope") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("may still take effect"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_addressed_admin_commands_work_with_the_first_listed_peer_down() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.create_group("default", "kv", &c.all()).await;
+    c.leader("default", &c.all()).await;
+    c.client("default", &c.all()).put(b"k", b"v").await.unwrap();
+    // The first of --peers is down: exactly when an operator reaches for
+    // these commands.
+    c.kill(0);
+    let id = |i: usize| c.members[i].id.to_string();
+
+    let (ok, out, err) = c.cli(&c.all(), &["snapshot", "create", "--member", &id(1)]);
+    assert!(ok, "snapshot create: {err}");
+    assert!(out.contains("snapshot at index"), "{out}");
+
+    let (ok, _, err) = c.cli(&c.all(), &["election", "pause", "--member", &id(2)]);
+    assert!(ok, "election pause: {err}");
+    assert!(c.info(2, "default").await.unwrap().elections_paused);
+
+    // A member missing from --peers is found in the configuration a live
+    // peer reports.
+    let (ok, _, err) = c.cli(&[0, 1], &["election", "resume", "--member", &id(2)]);
+    assert!(ok, "election resume: {err}");
+    assert!(!c.info(2, "default").await.unwrap().elections_paused);
+
+    // A member no one knows: refused, saying which peers were asked.
+    let (ok, _, err) = c.cli(&c.all(), &["snapshot", "create", "--member", "12345"]);
+    assert!(!ok);
+    assert!(err.contains("member 12345"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}

@@ -84,6 +84,7 @@ impl Recorder {
         let kind = match e {
             ClientError::Timeout { .. } => "timeout",
             ClientError::StateMachine { .. } => "refused",
+            ClientError::UnknownGroup { .. } => "unknown group",
             ClientError::Invalid(_) => "invalid",
             ClientError::Decode(_) => "decode",
         };

@@ -1,9 +1,11 @@
 //! Admin commands (group, peer, election, snapshot), spoken to members over
 //! the admin gRPC service. Calls only a leader can serve go through
 //! `at_leader`, which finds the leader by asking the `--peers` and follows
-//! NotLeader answers until `--timeout`. Removals and priority changes are
-//! compare-and-set against the configuration just read, so a concurrent
-//! change makes them fail instead of being overwritten.
+//! NotLeader answers until `--timeout`; calls addressed to one member
+//! (`--member`) find it through `member_address`, which asks the `--peers`
+//! in turn. Removals and priority changes are compare-and-set against the
+//! configuration just read, so a concurrent change makes them fail instead
+//! of being overwritten.
 
 use std::time::{Duration, Instant};
 
@@ -90,16 +92,66 @@ pub(super) async fn leader_address(cli: &Cli) -> anyhow::Result<String> {
     }
 }
 
+/// Where to reach `member` for a command addressed to it. Each of the
+/// `--peers` is asked in turn until one knows: a peer that is the member,
+/// or one whose configuration of the group lists it. A peer that is down
+/// only costs its turn, since a member being down is exactly when an
+/// operator reaches for these commands.
 async fn member_address(cli: &Cli, member: u64) -> anyhow::Result<String> {
-    for (addr, id) in member_ids(&cli.peers).await? {
-        if id == member {
-            return Ok(addr);
+    let mut problems = Vec::new();
+    for p in &cli.peers {
+        match whereis(cli, p, member).await {
+            Ok(Some(addr)) => return Ok(addr),
+            Ok(None) => {}
+            Err(why) => problems.push(format!("{p}: {why}")),
         }
     }
-    bail!(
-        "member {member} is not among --peers {}",
+    let mut msg = format!(
+        "member {member} of group {} is not known to any of --peers {}",
+        cli.group,
         cli.peers.join(",")
-    )
+    );
+    if !problems.is_empty() {
+        msg.push_str(&format!(" (unanswered: {})", problems.join("; ")));
+    }
+    Err(anyhow!(msg))
+}
+
+/// What peer `p` knows of `member`'s address: `None` if it does not know
+/// the member, an error if it could not be asked.
+async fn whereis(cli: &Cli, p: &str, member: u64) -> Result<Option<String>, String> {
+    let mut a = admin(p).await.map_err(|e| format!("{e:#}"))?;
+    let info = match a
+        .group_info(pb::GroupInfoRequest { group_id: gid(cli) })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        // A member outside the group can still be the one addressed; the
+        // command itself then says what is wrong.
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            let list = a
+                .group_list(pb::GroupListRequest {})
+                .await
+                .map_err(|s| s.message().to_string())?;
+            return Ok((list.into_inner().server_id == member).then(|| p.to_string()));
+        }
+        Err(s) => return Err(s.message().to_string()),
+    };
+    if info.server_id == member {
+        return Ok(Some(p.to_string()));
+    }
+    let listed = info
+        .configuration
+        .iter()
+        .flat_map(|c| c.peers.iter().chain(&c.old_peers))
+        .find(|m| m.id == member);
+    Ok(listed.map(|m| {
+        [&m.admin_address, &m.client_address, &m.address]
+            .into_iter()
+            .find(|a| !a.is_empty())
+            .cloned()
+            .unwrap_or_default()
+    }))
 }
 
 async fn group_list(cli: &Cli) -> anyhow::Result<()> {
@@ -447,7 +499,8 @@ async fn election_cmd(cli: &Cli, cmd: &ElectionCmd) -> anyhow::Result<()> {
                     group_id: gid(cli),
                     pause,
                 })
-                .await?
+                .await
+                .map_err(|s| anyhow!("member {member} at {addr}: {}", s.message()))?
                 .into_inner();
             check(&r)?;
             println!(
@@ -485,7 +538,8 @@ pub(super) async fn run(cli: Cli) -> anyhow::Result<()> {
                     create: true,
                     timeout_ms: cli.timeout.as_millis() as u64,
                 })
-                .await?
+                .await
+                .map_err(|s| anyhow!("member {member} at {addr}: {}", s.message()))?
                 .into_inner();
             check(&r)?;
             println!("snapshot at index {} on member {member}", r.log_index);
