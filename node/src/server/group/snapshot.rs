@@ -13,7 +13,9 @@ use crate::statemachine::SnapshotFiles;
 
 /// After a failed automatic snapshot, how long until the next try.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
-use crate::core::{Index, InstallSnapshot, Message, NodeId, SnapshotMeta, Term};
+use crate::core::{
+    Index, InstallSnapshot, InstallSnapshotReply, Message, NodeId, SnapshotMeta, Term,
+};
 use crate::storage::{SnapshotInfo, SnapshotStore, WriteBatch};
 
 impl Group {
@@ -36,14 +38,7 @@ impl Group {
             // overwrite the first before the core installed it. Refused;
             // the leader sends the newest again.
             tracing::warn!(group = %self.label.group, from, index = meta.index, "a snapshot install is already under way; refusing another");
-            let _ = reply.send(Message::InstallSnapshotReply(
-                crate::core::InstallSnapshotReply {
-                    term: self.core.term(),
-                    snapshot_index: 0,
-                    accepted: false,
-                },
-            ));
-            return;
+            return self.refuse_install(reply);
         }
         let keep = self.core.log().term(meta.index) == Some(meta.term);
         let written = blocking(|| -> Result<(), crate::storage::StorageError> {
@@ -56,18 +51,21 @@ impl Group {
         });
         if let Err(e) = written {
             tracing::warn!(group = %self.label.group, error = %e, "could not store a snapshot from the leader");
-            let _ = reply.send(Message::InstallSnapshotReply(
-                crate::core::InstallSnapshotReply {
-                    term: self.core.term(),
-                    snapshot_index: 0,
-                    accepted: false,
-                },
-            ));
-            return;
+            return self.refuse_install(reply);
         }
         self.incoming = Some((meta.clone(), files, keep));
         self.once.insert((from, KIND_INSTALL, 0), reply);
         self.core.step(from, install_msg(term, meta));
+    }
+
+    /// Answers the leader that this snapshot was not installed; it probes
+    /// this member again and sends the newest one.
+    fn refuse_install(&self, reply: oneshot::Sender<Message>) {
+        let _ = reply.send(Message::InstallSnapshotReply(InstallSnapshotReply {
+            term: self.core.term(),
+            snapshot_index: 0,
+            accepted: false,
+        }));
     }
 
     pub(super) fn send_snapshot(&mut self, to: NodeId) {
