@@ -498,12 +498,18 @@ fn free_block() -> u16 {
     }
 }
 
-/// Runs `kuberaft local up` until its banner appears; kills it on drop.
-struct LocalUp(std::process::Child);
+/// Runs `kuberaft local up` until its banner appears. Drop kills it and
+/// every member it started: a killed `local up` cannot stop its children.
+struct LocalUp {
+    child: std::process::Child,
+    dir: String,
+    /// Every line it printed so far, stdout and stderr.
+    output: Arc<std::sync::Mutex<String>>,
+}
 
 impl LocalUp {
     fn start(dir: &std::path::Path, base: u16) -> LocalUp {
-        use std::io::{BufRead, BufReader};
+        use std::io::{BufRead, BufReader, Read};
         let mut child = std::process::Command::new(harness::CLI)
             .args([
                 "local",
@@ -519,29 +525,60 @@ impl LocalUp {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let out = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(out).lines();
-        let banner = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find(|l| l.contains("Talk to it"));
-        assert!(banner.is_some(), "local up printed its banner");
-        // Keep draining so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        LocalUp(child)
+        let output = Arc::new(std::sync::Mutex::new(String::new()));
+        // Both pipes are drained for the whole run, so the child never
+        // blocks on a full one.
+        let drain = |pipe: Box<dyn Read + Send>| {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut o = output.lock().unwrap();
+                    o.push_str(&l);
+                    o.push('\n');
+                }
+            });
+        };
+        drain(Box::new(child.stdout.take().unwrap()));
+        drain(Box::new(child.stderr.take().unwrap()));
+        let mut up = LocalUp {
+            child,
+            dir: dir.display().to_string(),
+            output,
+        };
+        let deadline = std::time::Instant::now() + harness::WAIT;
+        while !up.output().contains("Talk to it") {
+            let exited = up.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && std::time::Instant::now() < deadline,
+                "local up printed no banner (exit: {exited:?}):\n{}",
+                up.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        up
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
     }
 
     fn interrupt(&mut self) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        self.0.wait().unwrap().success()
+        self.child.wait().unwrap().success()
     }
 }
 
 impl Drop for LocalUp {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in pids_with(&self.dir) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -1584,4 +1621,114 @@ async fn member_addressed_admin_commands_work_with_the_first_listed_peer_down() 
     assert!(!ok);
     assert!(err.contains("member 12345"), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+/// Overwrites the header of every log segment of every group under a
+/// member's data directory; returns how many it damaged.
+fn corrupt_logs(data: &std::path::Path) -> usize {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut n = 0;
+    for group in std::fs::read_dir(data.join("groups")).unwrap().flatten() {
+        for seg in std::fs::read_dir(group.path().join("log"))
+            .unwrap()
+            .flatten()
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(seg.path())
+                .unwrap();
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.write_all(b"garbage!").unwrap();
+            f.sync_all().unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_keeps_serving_when_a_member_cannot_start_and_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_block();
+    let peers = format!(
+        "127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        base,
+        base + 1,
+        base + 2
+    );
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(harness::CLI)
+            .args(["--peers", &peers])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let mut up = LocalUp::start(dir.path(), base);
+    let (ok, _, err) = cli(&["put", "k", "v1"]);
+    assert!(ok, "{err}");
+    assert!(up.interrupt());
+
+    assert!(
+        corrupt_logs(&dir.path().join("node-1")) > 0,
+        "a segment to damage"
+    );
+    let mut up = LocalUp::start(dir.path(), base);
+    let out = up.output();
+    println!("local up with member 1 damaged:\n{out}");
+
+    // The two healthy members serve.
+    let (ok, _, err) = cli(&["put", "k", "v2"]);
+    assert!(ok, "put: {err}\nlocal up said:\n{out}");
+    let (ok, got, err) = cli(&["get", "k"]);
+    assert!(ok, "get: {err}");
+    assert_eq!(got.trim(), "v2");
+
+    // The member's own error, once, on the line naming it, with the repair.
+    let failing: Vec<&str> = out.lines().filter(|l| l.contains("is corrupt")).collect();
+    assert_eq!(failing.len(), 1, "the error once:\n{out}");
+    let line = failing[0];
+    assert!(line.contains("member 1"), "{line}");
+    let file = line
+        .split_whitespace()
+        .find(|w| w.contains("/log/"))
+        .unwrap_or_else(|| panic!("the damaged file is named: {line}"));
+    assert_eq!(
+        line.matches(file).count(),
+        1,
+        "the error does not repeat itself: {line}"
+    );
+    let node1 = dir.path().join("node-1");
+    assert!(
+        out.contains(&node1.display().to_string()) && out.contains("peer add"),
+        "how to repair it:\n{out}"
+    );
+    assert!(up.interrupt(), "Ctrl-C stops local up cleanly");
+
+    // The repair it printed works: data aside, up again, replace the member.
+    let old_id = std::fs::read_to_string(node1.join("member-id")).unwrap();
+    let old_id = old_id.trim();
+    let old: u64 = old_id.parse().unwrap();
+    std::fs::rename(&node1, dir.path().join("node-1.broken")).unwrap();
+    let mut up = LocalUp::start(dir.path(), base);
+    let (ok, _, err) = cli(&["peer", "remove", "--id", old_id]);
+    assert!(ok, "peer remove: {err}\nlocal up said:\n{}", up.output());
+    let node1_addr = format!("127.0.0.1:{}", base + 1);
+    let (ok, _, err) = cli(&["peer", "add", "--address", &node1_addr]);
+    assert!(ok, "peer add: {err}");
+    let (ok, got, err) = cli(&["get", "k"]);
+    assert!(ok, "get: {err}");
+    assert_eq!(got.trim(), "v2");
+    poll("the new member 1 to catch up", || async {
+        let (ok, info, _) = cli(&["group", "info", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&info).ok().filter(|_| ok)?;
+        let m = v.as_array()?.iter().find(|m| m["address"] == node1_addr)?;
+        let caught_up = m["member_id"].as_u64()? != old
+            && m["applied_index"].as_u64()? >= m["commit_index"].as_u64()?
+            && m["peers"].as_array()?.len() == 3;
+        caught_up.then_some(())
+    })
+    .await;
+    assert!(up.interrupt());
 }

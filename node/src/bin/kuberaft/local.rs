@@ -3,6 +3,11 @@
 //! hosts yet and waits (up to a minute) for every member to be ready. Ctrl-C
 //! or SIGTERM stops the cluster: each member gets SIGTERM, and a kill if it
 //! has not exited 15 s later. Running again on the same `--dir` restarts it.
+//!
+//! A restarted member that cannot start (a corrupt log, say) does not stop
+//! the others: they serve without it, as a real cluster would, and `local up`
+//! prints the member's own error and how to replace it. Only a new cluster
+//! needs every member, since its groups are created with all of them.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -31,7 +36,7 @@ fn node_binary() -> anyhow::Result<PathBuf> {
 
 /// Polls every member's /readyz (every group has a leader, storage is
 /// healthy) until all answer 200.
-async fn wait_ready(members: &[Member], limit: Duration) -> Result<(), String> {
+async fn wait_ready(members: &[&Member], limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     for m in members {
         loop {
@@ -77,6 +82,12 @@ struct Member {
     http: String,
     child: tokio::process::Child,
     running: bool,
+    /// Why it could not start, in one line.
+    failure: Option<String>,
+    /// Its log, and the log's length before this run: what it says from
+    /// there on is about this run.
+    log: PathBuf,
+    log_start: u64,
 }
 
 fn spawn_member(
@@ -96,6 +107,7 @@ fn spawn_member(
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map_or(0, |m| m.len());
     let child = tokio::process::Command::new(bin)
         .arg("--data-dir")
         .arg(&data)
@@ -116,23 +128,89 @@ fn spawn_member(
         http,
         child,
         running: true,
+        failure: None,
+        log: log_path,
+        log_start,
     })
 }
 
-async fn wait_serving(m: &mut Member, dir: &Path) -> anyhow::Result<u64> {
+impl Member {
+    /// Why the member stopped, in its own words: the last error it logged
+    /// in this run. `kuberaft-node` ends with one `kuberaft-node: ...` line
+    /// when it fails; a crash may leave only an ERROR event.
+    fn last_error(&self) -> Option<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.log).ok()?;
+        f.seek(SeekFrom::Start(self.log_start)).ok()?;
+        let mut log = Vec::new();
+        f.read_to_end(&mut log).ok()?;
+        let run = String::from_utf8_lossy(&log);
+        let lines: Vec<&str> = run.lines().collect();
+        let own = lines
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("kuberaft-node: "));
+        own.or_else(|| lines.iter().rev().find(|l| l.contains(" ERROR ")).copied())
+            .map(|l| l.trim().to_string())
+    }
+
+    /// One line on why the member exited, with where its log is.
+    fn exit_report(&self, status: std::process::ExitStatus) -> String {
+        match self.last_error() {
+            Some(e) => format!(
+                "member {} ({}) exited ({status}): {e} (log: {})",
+                self.index,
+                self.addr,
+                self.log.display()
+            ),
+            None => format!(
+                "member {} ({}) exited ({status}); see {}",
+                self.index,
+                self.addr,
+                self.log.display()
+            ),
+        }
+    }
+}
+
+/// How to replace a member that cannot start: its data goes aside and it
+/// comes back as a new member (docs/storage.md: a member with damaged
+/// storage is restored from its healthy peers, never patched up).
+fn repair_advice(m: &Member, dir: &Path, groups: usize) -> String {
+    let data = dir.join(format!("node-{}", m.index));
+    let old_id = std::fs::read_to_string(data.join("member-id"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "<its old member id>".into());
+    let each = if groups > 1 {
+        "\n    (3 and 4 for every group, each with --group NAME)"
+    } else {
+        ""
+    };
+    format!(
+        "  The other members serve without it. To replace it:\n\
+         \x20   1. stop local up (Ctrl-C) and move its data aside: mv {data} {data}.broken\n\
+         \x20   2. run local up again with the same --dir: member {i} starts empty, as a new member\n\
+         \x20   3. kuberaft peer remove --id {old_id}\n\
+         \x20   4. kuberaft peer add --address {addr}{each}",
+        data = data.display(),
+        i = m.index,
+        addr = m.addr,
+    )
+}
+
+/// Waits until the member serves; `None` if it exited instead.
+async fn wait_serving(m: &mut Member) -> anyhow::Result<Option<u64>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = m.child.try_wait()? {
-            bail!(
-                "member {} exited at start ({status}); see {}",
-                m.index,
-                dir.join(format!("node-{}.log", m.index)).display()
-            );
+            m.running = false;
+            m.failure = Some(m.exit_report(status));
+            return Ok(None);
         }
         if let Ok(mut a) = admin(&m.addr).await
             && let Ok(r) = a.group_list(pb::GroupListRequest {}).await
         {
-            return Ok(r.into_inner().server_id);
+            return Ok(Some(r.into_inner().server_id));
         }
         if Instant::now() > deadline {
             bail!(
@@ -187,16 +265,21 @@ pub(super) async fn local_up(
     let started = async {
         let mut ids = Vec::new();
         for m in members.iter_mut() {
-            ids.push(wait_serving(m, dir).await?);
+            ids.push(wait_serving(m).await?);
         }
-        let all: Vec<(String, u64)> = members
+        let failed: Vec<&Member> = members.iter().filter(|m| !m.running).collect();
+        if failed.len() == n {
+            let why: Vec<String> = failed.iter().filter_map(|m| m.failure.clone()).collect();
+            bail!("no member could start: {}", why.join("; "));
+        }
+        let live: Vec<(String, u64)> = members
             .iter()
-            .map(|m| m.addr.clone())
-            .zip(ids.iter().copied())
+            .zip(&ids)
+            .filter_map(|(m, id)| Some((m.addr.clone(), (*id)?)))
             .collect();
         // What each member hosts already (a restart on the same --dir).
         let mut hosted = Vec::new();
-        for (addr, _) in &all {
+        for (addr, _) in &live {
             let list = admin(addr)
                 .await?
                 .group_list(pb::GroupListRequest {})
@@ -210,31 +293,38 @@ pub(super) async fn local_up(
             let name = group_name(g);
             let mut missing = Vec::new();
             let mut present = 0;
-            for ((addr, id), ids) in all.iter().zip(&hosted) {
+            for ((addr, id), ids) in live.iter().zip(&hosted) {
                 if ids.contains(name.as_bytes()) {
                     present += 1;
                 } else {
                     missing.push((addr.clone(), *id));
                 }
             }
-            if present == 0 {
-                create_group(&all, name.as_bytes(), "kv").await?;
+            if present == 0 && !failed.is_empty() {
+                // Created without them, the group would never have them.
+                let why: Vec<String> = failed.iter().filter_map(|m| m.failure.clone()).collect();
+                bail!(
+                    "group {name} is new and needs every member, but {}",
+                    why.join("; ")
+                );
+            } else if present == 0 {
+                create_group(&live, name.as_bytes(), "kv").await?;
             } else if !missing.is_empty() {
                 eprintln!(
                     "group {name} exists on {present} of {n} members; leaving it as it is (add the others with `kuberaft peer add`)"
                 );
             }
         }
-        anyhow::Ok(all)
+        anyhow::Ok(ids)
     };
-    let all = match started.await {
-        Ok(all) => all,
+    let ids = match started.await {
+        Ok(ids) => ids,
         Err(e) => {
             terminate(&mut members);
             return Err(e);
         }
     };
-    let peers: Vec<String> = all.iter().map(|(a, _)| a.clone()).collect();
+    let peers: Vec<String> = members.iter().map(|m| m.addr.clone()).collect();
     // Wait for leaders so the printed commands work right away.
     let cli_like = Cli {
         peers: peers.clone(),
@@ -245,26 +335,37 @@ pub(super) async fn local_up(
         },
     };
     let leader = leader_address(&cli_like).await.ok();
-    let ready = wait_ready(&members, Duration::from_secs(60)).await;
+    let running: Vec<&Member> = members.iter().filter(|m| m.running).collect();
+    let ready = wait_ready(&running, Duration::from_secs(60)).await;
     println!(
         "kuberaft local cluster: {n} members, data in {}",
         dir.display()
     );
     match ready {
         Ok(()) => println!(
-            "  every group has a leader on every member, {:.1} s after the members started",
+            "  every group has a leader on every running member, {:.1} s after the members started",
             spawned.elapsed().as_secs_f64()
         ),
         Err(why) => println!("  not every group has a leader yet: {why}"),
     }
-    for (m, (_, id)) in members.iter().zip(&all) {
-        println!(
-            "  member {} id {id}: gRPC {}  HTTP http://{}/status",
-            m.index, m.addr, m.http
-        );
+    for (m, id) in members.iter().zip(&ids) {
+        match id {
+            Some(id) => println!(
+                "  member {} id {id}: gRPC {}  HTTP http://{}/status",
+                m.index, m.addr, m.http
+            ),
+            None => println!("  member {}: NOT RUNNING, it could not start", m.index),
+        }
     }
     if let Some(l) = leader {
         println!("  group {DEFAULT_GROUP}: leader at {l}");
+    }
+    // On stdout with the rest of the report, where a reader of the banner
+    // finds it.
+    for m in members.iter().filter(|m| !m.running) {
+        println!();
+        println!("{}", m.failure.as_deref().unwrap_or_default());
+        println!("{}", repair_advice(m, dir, groups));
     }
     println!();
     println!("Talk to it (another terminal):");
@@ -287,10 +388,7 @@ pub(super) async fn local_up(
                 for m in members.iter_mut().filter(|m| m.running) {
                     if let Ok(Some(status)) = m.child.try_wait() {
                         m.running = false;
-                        eprintln!(
-                            "member {} ({}) exited: {status}; the others keep running (log: {}/node-{}.log)",
-                            m.index, m.addr, dir.display(), m.index
-                        );
+                        eprintln!("{}; the others keep running", m.exit_report(status));
                     }
                 }
             }
