@@ -93,6 +93,9 @@ pub fn entry_to_pb(e: &Entry) -> pb::LogEntry {
         EntryPayload::Noop => pb::log_entry::Payload::NoOp(pb::NoOp {}),
         EntryPayload::Command(data) => pb::log_entry::Payload::Command(data.clone()),
         EntryPayload::Membership(m) => pb::log_entry::Payload::Configuration(membership_to_pb(m)),
+        EntryPayload::ClusterLevel(level) => {
+            pb::log_entry::Payload::ClusterLevel(pb::ClusterLevel { level: *level })
+        }
     };
     pb::LogEntry {
         term: e.term,
@@ -109,6 +112,7 @@ pub fn entry_from_pb(e: pb::LogEntry) -> Result<Entry, DecodeError> {
         Some(pb::log_entry::Payload::Configuration(c)) => {
             EntryPayload::Membership(membership_from_pb(&c)?)
         }
+        Some(pb::log_entry::Payload::ClusterLevel(c)) => EntryPayload::ClusterLevel(c.level),
     };
     Ok(Entry {
         term: e.term,
@@ -228,6 +232,7 @@ pub fn append_reply_to_pb(
         conflict_term: m.conflict_term,
         rejected_previous: m.rejected_prev,
         quiet: m.quiet,
+        feature_level: m.feature_level,
     }
 }
 
@@ -250,6 +255,7 @@ pub fn append_reply_from_pb(r: &pb::AppendEntriesReply) -> Result<AppendEntriesR
         follower_commit: bounded("follower commit", r.follower_commit)?,
         round: bounded("round", r.call_id)?,
         quiet: r.quiet,
+        feature_level: r.feature_level,
     })
 }
 
@@ -473,6 +479,7 @@ mod tests {
         for payload in [
             EntryPayload::Noop,
             EntryPayload::Command(Bytes::from_static(b"abc")),
+            EntryPayload::ClusterLevel(2),
             EntryPayload::Membership(m),
         ] {
             let e = Entry {
@@ -521,6 +528,7 @@ mod tests {
             follower_commit: 8,
             round: 77,
             quiet: false,
+            feature_level: 2,
         }
     }
 

@@ -67,9 +67,16 @@ struct Args {
     /// Snapshot a group after this many applied entries.
     #[arg(long, env = "KUBERAFT_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
     snapshot_threshold: u64,
-    /// Exactly-once window of retried writes.
+    /// Exactly-once window of retried writes. The leader's value travels
+    /// with each logged call and, once every member runs a version that
+    /// knows it (cluster level 2), decides on every member alike.
     #[arg(long, env = "KUBERAFT_RETRY_TTL_MS", default_value_t = 60_000)]
     retry_ttl_ms: u64,
+    /// The cluster level this node reports. Only for tests of mixed-version
+    /// groups: a lower level makes the node behave, towards its group, as a
+    /// version that knows no newer level.
+    #[arg(long, hide = true, default_value_t = kuberaft_node::core::FEATURE_LEVEL)]
+    feature_level: u32,
     /// Requests a group holds pending before refusing with ResourceUnavailable.
     #[arg(long, env = "KUBERAFT_MAX_PENDING_REQUESTS", default_value_t = 8192)]
     max_pending_requests: u64,
@@ -165,6 +172,7 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         max_pending_requests: a.max_pending_requests,
         max_pending_bytes: a.max_pending_bytes,
         stall_threshold: Duration::from_millis(a.stall_threshold_ms),
+        feature_level: a.feature_level.clamp(1, kuberaft_node::core::FEATURE_LEVEL),
         ..GroupOptions::default()
     };
     group.validate().map_err(|e| {

@@ -4,6 +4,17 @@
 
 use super::types::NodeId;
 
+/// The cluster level this version knows. A group's cluster level is agreed
+/// through its log (a `ClusterLevel` entry, appended once every member
+/// reported the level), and replicated behaviour new in a level is on only
+/// from that entry on, so members of the previous version, which run in the
+/// same group during a rolling upgrade, never decide differently.
+///
+/// - 1: the behaviour of versions from before levels.
+/// - 2: a logged call carries the leader's retry window, and every member
+///   judges duplicates by it instead of its own `--retry-ttl-ms`.
+pub const FEATURE_LEVEL: u32 = 2;
+
 /// Consensus parameters for one member of one group.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -76,6 +87,10 @@ pub struct Config {
     /// Seed for the election-timeout randomisation; the shell passes a random
     /// value, the simulation a deterministic one.
     pub rng_seed: u64,
+    /// The cluster level this member knows and reports to its leaders
+    /// ([`FEATURE_LEVEL`]; lower only to play a member of an older version
+    /// in tests).
+    pub feature_level: u32,
 }
 
 impl Config {
@@ -102,6 +117,7 @@ impl Config {
             quiet_heartbeat_ticks: 60,
             quiet_timeout_ticks: 200,
             rng_seed: id,
+            feature_level: FEATURE_LEVEL,
         }
     }
 

@@ -89,6 +89,9 @@ pub struct AppendEntriesReply {
     /// The follower is quiet (it went or stayed quiet on a quiesce
     /// heartbeat).
     pub quiet: bool,
+    /// The highest cluster level the follower's version knows (0 from a
+    /// version before levels, which counts as 1).
+    pub feature_level: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,7 +32,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Config, ConfigError, StartError};
+pub use config::{Config, ConfigError, FEATURE_LEVEL, StartError};
 pub use error::{ConfChangeError, ProposeError, ReadError, TransferError, Transferred};
 pub use log::{RaftLog, RestoreError};
 pub use membership::{Membership, MembershipError, PeerInfo};

@@ -18,6 +18,9 @@ fn cfg(id: NodeId) -> Config {
     c.election_timeout_max_ticks = 20;
     c.heartbeat_interval_ticks = 2;
     c.staging_timeout_ticks = 30;
+    // Level 1 (no level entries) keeps the indexes of the scenarios plain;
+    // the `cluster_level` tests ask for the current level.
+    c.feature_level = 1;
     c
 }
 
@@ -1541,6 +1544,7 @@ fn t30_impossible_replies_within_the_wire_bounds_are_ignored() {
         follower_commit: index,
         round: 1_000_000,
         quiet: false,
+        feature_level: 2,
     };
     net.cut.insert(3);
     net.core(1).step(2, Message::AppendEntriesReply(forged));
@@ -1560,4 +1564,80 @@ fn t30_impossible_replies_within_the_wire_bounds_are_ignored() {
     let (_, next) = net.propose(1, "b");
     net.tick_all(2);
     assert_eq!(net.commit(2), next, "replication to n2 goes on");
+}
+
+// --------------------------------------------------------------------------
+// Cluster level: replicated behaviour waits until every member knows it.
+// --------------------------------------------------------------------------
+
+fn level_entries(net: &Net, id: NodeId) -> Vec<u32> {
+    net.disks[&id]
+        .log
+        .values()
+        .filter_map(|e| match e.payload {
+            EntryPayload::ClusterLevel(l) => Some(l),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn t40_the_cluster_level_rises_only_once_every_member_knows_it() {
+    // n3 runs the previous version: it reports no level.
+    let current = |id| {
+        let mut c = cfg(id);
+        c.feature_level = FEATURE_LEVEL;
+        c
+    };
+    let mut net = Net::with_config(3, |c| {
+        if c.id != 3 {
+            c.feature_level = FEATURE_LEVEL;
+        }
+    });
+    net.elect(1);
+    net.propose(1, "a");
+    net.tick_all(30);
+    for id in 1..=3 {
+        assert_eq!(net.nodes[&id].status().cluster_level, 1);
+        assert!(
+            level_entries(&net, id).is_empty(),
+            "n{id} never sees a level entry"
+        );
+    }
+    // n3 is upgraded: restarted on the same data with the new version.
+    net.crash(3);
+    net.start(3, current(3));
+    // (A quiet group hears from the restarted member within its long
+    // timeout here; on a node, liveness pings wake it at once.)
+    for _ in 0..400 {
+        if (1..=3).all(|id| net.nodes[&id].status().cluster_level == FEATURE_LEVEL) {
+            break;
+        }
+        net.tick_all(1);
+    }
+    for id in 1..=3 {
+        assert_eq!(
+            net.nodes[&id].status().cluster_level,
+            FEATURE_LEVEL,
+            "n{id}"
+        );
+        assert_eq!(
+            level_entries(&net, id),
+            vec![FEATURE_LEVEL],
+            "raised once, n{id}"
+        );
+    }
+    // A member of the previous version cannot join a group past its level:
+    // it stays staged and the change times out.
+    net.disks.insert(4, Disk::default());
+    let mut old = cfg(4);
+    old.feature_level = 1;
+    net.start(4, old);
+    net.core(1).change_membership(add_voter(4)).unwrap();
+    net.tick_all(40);
+    assert!(matches!(
+        conf_done(&net.take_events(1)),
+        Some(Err(ConfChangeError::StagingTimeout { .. }))
+    ));
+    assert!(!net.nodes[&1].membership().voters.contains_key(&4));
 }

@@ -24,6 +24,8 @@ pub enum EntryPayload {
     Command(Bytes),
     /// A membership configuration; takes effect as soon as it is appended.
     Membership(Membership),
+    /// Raises the group's cluster level (see `Config::feature_level`).
+    ClusterLevel(u32),
 }
 
 /// One log entry.
@@ -44,6 +46,7 @@ impl Entry {
                 EntryPayload::Noop => 0,
                 EntryPayload::Command(data) => data.len(),
                 EntryPayload::Membership(m) => 32 * m.len(),
+                EntryPayload::ClusterLevel(_) => 4,
             }
     }
 }

@@ -38,6 +38,8 @@ pub struct LoggedCall {
     /// The client's watermark: every call below it was answered (0: none).
     pub answered_below: u64,
     pub logged_at_ms: u64,
+    /// The leader's exactly-once window (see `RetryCache::use_logged_ttl`).
+    pub retry_ttl_ms: u64,
     pub payload: Bytes,
 }
 
@@ -50,6 +52,7 @@ pub fn encode_logged(c: LoggedCall) -> Bytes {
             logged_at_ms: c.logged_at_ms,
             payload: c.payload,
             answered_below: c.answered_below,
+            retry_ttl_ms: c.retry_ttl_ms,
         }
         .encode_to_vec(),
     )
@@ -85,6 +88,12 @@ impl Applier {
 
     pub fn applied_index(&self) -> Index {
         self.applied
+    }
+
+    /// The group's cluster level as applied here (see
+    /// `core::config::FEATURE_LEVEL`).
+    pub fn cluster_level(&self) -> u32 {
+        self.cache.level()
     }
 
     /// The state machine's snapshot files plus the retry cache's.
@@ -129,8 +138,10 @@ impl Applier {
                 "entries are applied in order, without gaps"
             );
             self.applied = e.index;
-            if let EntryPayload::Command(data) = &e.payload {
-                out.push(self.apply_command(e.index, e.term, data));
+            match &e.payload {
+                EntryPayload::Command(data) => out.push(self.apply_command(e.index, e.term, data)),
+                EntryPayload::ClusterLevel(level) => self.cache.raise_level(*level),
+                EntryPayload::Noop | EntryPayload::Membership(_) => {}
             }
         }
         out
@@ -161,6 +172,7 @@ impl Applier {
             client: logged.client_id,
             call: logged.call_id,
         };
+        self.cache.use_logged_ttl(logged.retry_ttl_ms);
         let duplicate = self.cache.duplicate(&key, logged.logged_at_ms);
         self.cache.client_said(&key, logged.answered_below);
         if let Some(result) = duplicate {
@@ -201,11 +213,26 @@ mod tests {
         at: u64,
         payload: Bytes,
     ) -> Entry {
+        stamped(index, client, call, answered_below, at, 0, payload)
+    }
+
+    /// A call as a leader logs it, `ttl` being the leader's window (0: a
+    /// leader of a version from before levels, which sends none).
+    fn stamped(
+        index: Index,
+        client: &'static [u8],
+        call: u64,
+        answered_below: u64,
+        at: u64,
+        ttl: u64,
+        payload: Bytes,
+    ) -> Entry {
         let data = encode_logged(LoggedCall {
             client: Bytes::from_static(client),
             call,
             answered_below,
             logged_at_ms: at,
+            retry_ttl_ms: ttl,
             payload,
         });
         Entry {
@@ -337,6 +364,82 @@ mod tests {
             proptest::prop_assert_eq!(counter(&x), counter(&y));
             proptest::prop_assert_eq!(x.snapshot(), y.snapshot());
         }
+    }
+
+    fn level(index: Index, level: u32) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            payload: EntryPayload::ClusterLevel(level),
+        }
+    }
+
+    /// One call, retried by clients at 3 s and 8 s of log time, each retry
+    /// logged again (a leader change lost the first answer), every entry
+    /// carrying a 5 s window from its leader.
+    fn retries_with_a_logged_window(first: Index) -> Vec<Entry> {
+        [1_000, 4_000, 9_000]
+            .into_iter()
+            .enumerate()
+            .map(|(i, at)| stamped(first + i as u64, b"c1", 1, 0, at, 5_000, add(1)))
+            .collect()
+    }
+
+    fn outcomes(a: &mut Applier, log: &[Entry]) -> Vec<(bool, Result<Bytes, String>)> {
+        a.apply(log)
+            .into_iter()
+            .map(|o| (o.duplicate, o.result))
+            .collect()
+    }
+
+    #[test]
+    fn members_with_different_windows_decide_alike_once_the_window_is_logged() {
+        // A rolling change of --retry-ttl-ms: one member at 1 s, one at
+        // 100 s. Past cluster level 2 both judge by the leader's 5 s.
+        let mut log = vec![level(1, 2)];
+        log.extend(retries_with_a_logged_window(2));
+        let mut short = Applier::new(Box::new(Counter::default()), 1_000);
+        let mut long = Applier::new(Box::new(Counter::default()), 100_000);
+        let (s, l) = (outcomes(&mut short, &log), outcomes(&mut long, &log));
+        assert_eq!(s, l, "every member decides alike");
+        let dup: Vec<bool> = s.iter().map(|(d, _)| *d).collect();
+        assert_eq!(dup, [false, true, false], "by the logged 5 s window");
+        assert_eq!(counter(&short), counter(&long));
+        assert_eq!(short.snapshot(), long.snapshot());
+        // The window and the level travel in the snapshot: a member restored
+        // from it, whatever its own flag, goes on deciding alike.
+        let mut restored = Applier::new(Box::new(Counter::default()), 100_000);
+        restored.restore(4, &short.snapshot()).unwrap();
+        assert_eq!(restored.cluster_level(), 2);
+        let later = [
+            stamped(5, b"c1", 2, 0, 9_500, 5_000, add(1)),
+            stamped(6, b"c1", 2, 0, 12_000, 5_000, add(1)),
+        ];
+        assert_eq!(
+            outcomes(&mut restored, &later),
+            outcomes(&mut short, &later)
+        );
+    }
+
+    #[test]
+    fn before_the_level_is_raised_every_member_keeps_its_own_window_as_an_older_version_does() {
+        // A member of the previous version does not know the field: to it
+        // the log carries no window. Until the group's level says every
+        // member knows it, a new member must decide as that one does.
+        let stamped_log = retries_with_a_logged_window(1);
+        let stripped: Vec<Entry> = [1_000, 4_000, 9_000]
+            .into_iter()
+            .enumerate()
+            .map(|(i, at)| stamped(1 + i as u64, b"c1", 1, 0, at, 0, add(1)))
+            .collect();
+        let mut new = Applier::new(Box::new(Counter::default()), 60_000);
+        let mut old = Applier::new(Box::new(Counter::default()), 60_000);
+        assert_eq!(
+            outcomes(&mut new, &stamped_log),
+            outcomes(&mut old, &stripped)
+        );
+        assert_eq!(counter(&new), 1, "within its own 60 s window, applied once");
+        assert_eq!(new.cluster_level(), 1);
     }
 
     #[test]

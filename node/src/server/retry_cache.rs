@@ -61,6 +61,12 @@ struct CacheSnapshot {
     /// The cache's clock: the largest log time applied.
     #[prost(uint64, tag = "3")]
     clock_ms: u64,
+    /// The window the log set (cluster level 2 on); absent before.
+    #[prost(uint64, optional, tag = "4")]
+    logged_ttl_ms: Option<u64>,
+    /// The group's cluster level as applied (0 from older versions: 1).
+    #[prost(uint32, tag = "5")]
+    cluster_level: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -200,7 +206,15 @@ pub struct RetryCache {
     /// Calls the leader appended and has not seen applied. Only the leader's
     /// bookkeeping: never in a snapshot, never consulted when applying.
     pending: HashMap<CallKey, Index>,
+    /// The window in force: this node's `--retry-ttl-ms` until the log sets
+    /// one (see [`Self::use_logged_ttl`]).
     ttl_ms: u64,
+    /// This node's own window, the one in force at cluster level 1.
+    local_ttl_ms: u64,
+    /// The window in force came from the log: replicated state.
+    ttl_from_log: bool,
+    /// The group's cluster level as applied: replicated state.
+    level: u32,
     hits: u64,
     /// Done entries held, expired ones not yet swept included.
     done_entries: usize,
@@ -217,10 +231,35 @@ impl RetryCache {
             sessions: HashMap::new(),
             pending: HashMap::new(),
             ttl_ms,
+            local_ttl_ms: ttl_ms,
+            ttl_from_log: false,
+            level: 1,
             hits: 0,
             done_entries: 0,
             clock: 0,
             next_sweep: 0,
+        }
+    }
+
+    /// A `ClusterLevel` entry was applied.
+    pub fn raise_level(&mut self, level: u32) {
+        self.level = self.level.max(level);
+    }
+
+    /// The group's cluster level as applied.
+    pub fn level(&self) -> u32 {
+        self.level
+    }
+
+    /// A logged call carried its leader's window (`0`: none). From cluster
+    /// level 2 on it is the window in force, on every member alike, from
+    /// this call on; before, each member keeps its own flag, as versions
+    /// from before levels do (they ignore the field), so that all members
+    /// still decide alike when their flags agree.
+    pub fn use_logged_ttl(&mut self, ttl_ms: u64) {
+        if self.level >= 2 && ttl_ms > 0 {
+            self.ttl_ms = ttl_ms;
+            self.ttl_from_log = true;
         }
     }
 
@@ -355,6 +394,8 @@ impl RetryCache {
         clients.sort();
         let mut snap = CacheSnapshot {
             clock_ms: self.clock,
+            logged_ttl_ms: self.ttl_from_log.then_some(self.ttl_ms),
+            cluster_level: self.level,
             ..Default::default()
         };
         // Only what a lookup can still see: the bytes are the same on every
@@ -387,6 +428,12 @@ impl RetryCache {
     /// the leader's pending entries stay.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
         let snap = CacheSnapshot::decode(bytes).map_err(|e| format!("retry cache: {e}"))?;
+        // The replicated settings first: the window decides what follows.
+        self.level = snap.cluster_level.max(1);
+        (self.ttl_ms, self.ttl_from_log) = match snap.logged_ttl_ms {
+            Some(ttl) if self.level >= 2 => (ttl, true),
+            _ => (self.local_ttl_ms, false),
+        };
         // Snapshots from before the clock was stored: the newest entry's log
         // time is the best guess.
         let clock = match snap.clock_ms {

@@ -280,6 +280,7 @@ impl RaftCore {
             quiesce_round: None,
             start_election_sent: false,
             departing: BTreeMap::new(),
+            level_proposed: false,
         });
         self.settle_transfer_outcome(Some(self.id));
         self.heartbeat_elapsed = 0;

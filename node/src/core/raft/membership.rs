@@ -118,10 +118,13 @@ impl RaftCore {
         else {
             return;
         };
+        // A member whose version does not know the group's level would apply
+        // the log the old way: it stays staged (and the change times out).
         let caught_up = staged.iter().all(|id| {
             ls.progress
                 .get(id)
                 .is_some_and(|p| p.match_index + gap >= last && p.match_index > 0)
+                && self.reported_level(*id) >= self.cluster_level
         });
         if !caught_up {
             return;

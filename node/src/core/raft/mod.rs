@@ -41,6 +41,7 @@ use super::ready::Ready;
 use super::types::*;
 
 mod election;
+mod level;
 mod membership;
 mod quiesce;
 mod read;
@@ -87,6 +88,8 @@ pub struct Status {
     /// Was a member here and the configuration in force left it out: it
     /// takes no part any more and may be shut down.
     pub removed: bool,
+    /// The group's cluster level as far as this member applied its log.
+    pub cluster_level: u32,
     pub quiet: bool,
     pub transferring: bool,
     pub changing_membership: bool,
@@ -127,6 +130,9 @@ struct Progress {
     commit: Index,
     /// The follower answered the current quiesce round: it is quiet.
     quiet: bool,
+    /// The cluster level the follower's version knows, as last reported
+    /// (0 until it answers, or from a version before levels).
+    feature_level: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +225,8 @@ struct LeaderState {
     /// configuration that removes them (so they learn they are out), or
     /// until the tick given here.
     departing: BTreeMap<NodeId, (Index, u64)>,
+    /// A `ClusterLevel` entry was appended in this term.
+    level_proposed: bool,
 }
 
 /// A taken Ready whose writes are not yet durable.
@@ -270,6 +278,9 @@ pub struct RaftCore {
     /// shell once the next leader is known.
     transfer_outcome: Option<TransferOutcome>,
     hand_over: HandOverBackoff,
+    /// The group's cluster level as far as this member applied its log
+    /// (see `level.rs`).
+    cluster_level: u32,
     /// Last index handed to the shell to apply.
     apply_cursor: Index,
     applied: Index,
@@ -332,6 +343,7 @@ impl RaftCore {
             was_member: false,
             transfer_outcome: None,
             hand_over: HandOverBackoff::default(),
+            cluster_level: 1,
             apply_cursor: applied,
             applied,
             remote_reads: BTreeSet::new(),
@@ -392,6 +404,7 @@ impl RaftCore {
             elections_paused: self.elections_paused,
             member: self.membership().contains(self.id),
             removed: self.was_member && !self.membership().contains(self.id),
+            cluster_level: self.cluster_level,
             quiet: self.quiet,
             transferring: ls.is_some_and(|l| l.transfer.is_some()),
             changing_membership: ls.is_some_and(|l| l.conf_change.is_some()),
@@ -550,6 +563,7 @@ impl RaftCore {
             self.broadcast_heartbeat(quiesce);
             self.resend_start_election();
             self.maybe_hand_over_to_priority();
+            self.maybe_raise_cluster_level();
             // A group without followers has nobody to wait for.
             self.maybe_go_quiet();
         }
@@ -683,6 +697,9 @@ impl RaftCore {
                 .slice(self.apply_cursor + 1, commit, usize::MAX)
                 .expect("entries after the apply cursor are never compacted");
             self.apply_cursor = commit;
+            let committed = std::mem::take(&mut ready.committed_entries);
+            self.note_applied_levels(&committed);
+            ready.committed_entries = committed;
         }
         self.ready_number += 1;
         ready.number = self.ready_number;

@@ -31,6 +31,7 @@ impl Progress {
             acked_tick: 0,
             commit: 0,
             quiet: false,
+            feature_level: 0,
         }
     }
 
@@ -297,6 +298,7 @@ impl RaftCore {
             return;
         };
         pr.active = true;
+        pr.feature_level = m.feature_level;
         pr.quiet = m.quiet && m.result == AppendResult::Success && quiesce_round == Some(m.round);
         if m.round > pr.acked_round {
             pr.acked_round = m.round;
@@ -427,6 +429,7 @@ impl RaftCore {
             follower_commit: self.log.committed(),
             round,
             quiet: false,
+            feature_level: self.cfg.feature_level,
         }
     }
 

@@ -81,6 +81,9 @@ pub struct GroupOptions {
     /// The group's task woke this much later than it meant to: the process
     /// was not running, so a leader steps down (see `clock.rs`).
     pub stall_threshold: Duration,
+    /// The cluster level this node reports (`core::FEATURE_LEVEL`); lower
+    /// only to play a node of an older version in tests.
+    pub feature_level: u32,
 }
 
 impl Default for GroupOptions {
@@ -98,6 +101,7 @@ impl Default for GroupOptions {
             max_pending_bytes: 64 << 20,
             shutdown_transfer_timeout: Duration::from_secs(3),
             stall_threshold: Duration::from_secs(1),
+            feature_level: crate::core::FEATURE_LEVEL,
         }
     }
 }
@@ -125,6 +129,7 @@ impl GroupOptions {
             .max(self.heartbeat_interval_ticks);
         c.quiet_timeout_ticks = c.quiet_heartbeat_ticks * 10 / 3;
         c.rng_seed = rand::random();
+        c.feature_level = self.feature_level;
         c
     }
 
@@ -439,13 +444,14 @@ pub fn spawn_group(
             .restore(info.meta.index, &files)
             .map_err(|e| format!("restoring snapshot {}: {e}", info.meta.index))?;
     }
-    let core = RaftCore::new(
+    let mut core = RaftCore::new(
         opts.core_config(node_id),
         meta.hard_state,
         snapshot.clone(),
         entries,
     )
     .map_err(|e| e.to_string())?;
+    core.note_cluster_level(applier.cluster_level());
     let label = GroupLabel {
         group: display_group(&id),
     };

@@ -82,6 +82,7 @@ impl Group {
                             self.failed = true;
                             return;
                         }
+                        self.core.note_cluster_level(self.applier.cluster_level());
                         self.last_snapshot = meta.index;
                         self.snapshots_installed += 1;
                         if keep {

@@ -47,6 +47,7 @@ impl Group {
                     call,
                     answered_below,
                     logged_at_ms: now_ms(),
+                    retry_ttl_ms: self.opts.retry_ttl_ms,
                     payload,
                 },
                 permit,

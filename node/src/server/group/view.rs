@@ -50,6 +50,12 @@ pub struct GroupView {
     /// This member was in the group's configuration and the configuration
     /// in force has left it out: it takes no further part and can go.
     pub removed: bool,
+    /// The group's cluster level as applied here (see
+    /// `core::config::FEATURE_LEVEL`): a rolling upgrade is complete for the
+    /// group once this reaches the new version's level.
+    pub cluster_level: u32,
+    /// The cluster level this member's version knows.
+    pub feature_level: u32,
     /// The group's task has ended (removed, shut down or storage failed).
     pub stopped: bool,
 }
@@ -160,5 +166,7 @@ impl Group {
             tracing::warn!(group = %self.label.group, member = self.node_id, "this member was removed from the group's configuration; it no longer votes or campaigns and can be shut down");
         }
         v.removed = st.removed;
+        v.cluster_level = st.cluster_level;
+        v.feature_level = self.opts.feature_level;
     }
 }
