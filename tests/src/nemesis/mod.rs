@@ -286,7 +286,13 @@ async fn run_in(root: &std::path::Path, opts: NemesisOptions) -> anyhow::Result<
     Ok(run.report)
 }
 
-async fn create_group(procs: &Procs, group: &str, sm: &str, on: &[usize]) -> anyhow::Result<()> {
+/// Creates `group` with state machine `sm` on the members `on`.
+pub async fn create_group(
+    procs: &Procs,
+    group: &str,
+    sm: &str,
+    on: &[usize],
+) -> anyhow::Result<()> {
     let peers: Vec<pb::Peer> = on.iter().map(|i| procs.peer(*i)).collect();
     for i in on {
         let r = procs
@@ -313,6 +319,17 @@ fn gid(name: &str) -> Option<pb::GroupId> {
     Some(pb::GroupId {
         id: Bytes::copy_from_slice(name.as_bytes()),
     })
+}
+
+/// Member `i`'s view of `group`, or `None` when it does not answer within
+/// 3 s.
+pub async fn group_info(procs: &Procs, i: usize, group: &str) -> Option<pb::GroupInfoReply> {
+    let mut a = procs.admin(i).await;
+    within(a.group_info(pb::GroupInfoRequest {
+        group_id: gid(group),
+    }))
+    .await
+    .map(|r| r.into_inner())
 }
 
 /// An admin call that gives up after 3 s (a paused member never answers).
@@ -349,12 +366,7 @@ impl Run {
     }
 
     async fn info(&self, i: usize, group: &str) -> Option<pb::GroupInfoReply> {
-        let mut a = self.procs.admin(i).await;
-        within(a.group_info(pb::GroupInfoRequest {
-            group_id: gid(group),
-        }))
-        .await
-        .map(|r| r.into_inner())
+        group_info(&self.procs, i, group).await
     }
 
     /// The member that leads `group` in the highest term, as far as the

@@ -187,6 +187,11 @@ impl Procs {
         self.members[i].stopped = false;
     }
 
+    /// The process id of a running member (to signal it from another task).
+    pub fn pid(&self, i: usize) -> Option<i32> {
+        self.members[i].child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// SIGSTOP (`stop`) or SIGCONT.
     pub fn pause(&mut self, i: usize, stop: bool) {
         if let Some(c) = &self.members[i].child {
