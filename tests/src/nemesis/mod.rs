@@ -14,7 +14,7 @@
 //! | `pause` | SIGSTOP a member, SIGCONT it |
 //! | `partition` | cut the members into two sides |
 //! | `isolate-leader` | cut a leader off from every peer (clients still reach it) |
-//! | `throttle-leader` | cut a leader off and starve it as a CPU quota does (stopped 40 ms of every 50), while clients still reach it: its lease must run out on real time |
+//! | `throttle-leader` | cut a leader off and starve it as a CPU quota does (stopped 180 ms of every 200), while clients still reach it: its lease must run out on real time |
 //! | `one-way` | drop one direction between two members |
 //! | `slow` | delay every link by 5–80 ms |
 //! | `full-disk` | fill the tmpfs one member's data lives on |
@@ -463,16 +463,17 @@ impl Run {
                     self.procs.net.set(o, l, Link::Down);
                 }
                 // What a CPU quota does to a container (`docker run
-                // --cpus=0.2`): runnable for a slice of every period, then
-                // frozen until the next. Ticks the task misses meanwhile
-                // must still count against the lease.
+                // --cpus=0.1` with a 200 ms period): runnable for a slice of
+                // every period, then frozen until the next, several ticks
+                // long. Ticks the task misses meanwhile must still count
+                // against the lease.
                 let until =
                     Instant::now() + Duration::from_millis(self.rng.random_range(1500..4000));
                 while Instant::now() < until {
                     self.procs.pause(l, true);
-                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    tokio::time::sleep(Duration::from_millis(180)).await;
                     self.procs.pause(l, false);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 self.procs.net.heal();
                 self.note("healed and unthrottled".into());
