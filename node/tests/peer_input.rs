@@ -436,7 +436,12 @@ impl OneNode {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while n.view().role != "leader" {
+        // Settled: leading, and past the entry that raises the cluster level,
+        // so that the log moves only on what a test sends.
+        while n.view().role != "leader"
+            || n.view().cluster_level != kuberaft_node::core::FEATURE_LEVEL
+            || n.view().commit_index != n.view().last_index
+        {
             assert!(Instant::now() < deadline, "the node leads its group");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

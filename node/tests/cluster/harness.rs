@@ -249,6 +249,24 @@ impl Cluster {
         .await
     }
 
+    /// Waits until member `i`, leading `group`, has raised the group's
+    /// cluster level and committed its whole log: from then on the log
+    /// moves only on what a test sends.
+    pub async fn settled(&self, i: usize, group: &str) {
+        poll(&format!("member {i} to settle {group}"), || async {
+            let (_, body) = self.http_get(i, "/status");
+            let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let g = status["groups"]
+                .as_array()?
+                .iter()
+                .find(|g| g["group"] == group)?;
+            let level =
+                g["cluster_level"].as_u64()? == u64::from(kuberaft_node::core::FEATURE_LEVEL);
+            (g["role"] == "leader" && level && g["commit_index"] == g["last_index"]).then_some(())
+        })
+        .await
+    }
+
     /// Waits until member `i` applied everything the leader committed.
     pub async fn caught_up(&self, i: usize, group: &str, leader: usize) {
         poll(&format!("member {i} to catch up"), || async {
