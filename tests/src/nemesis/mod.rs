@@ -384,6 +384,24 @@ impl Run {
         best
     }
 
+    /// The leader of `group`, waiting up to `wait` for one: a fault aimed at
+    /// the leader that finds an election under way waits for its outcome
+    /// instead of being skipped.
+    async fn leader_within(
+        &self,
+        group: &str,
+        wait: Duration,
+    ) -> Option<(usize, pb::GroupInfoReply)> {
+        let until = Instant::now() + wait;
+        loop {
+            let found = self.leader(group).await;
+            if found.is_some() || Instant::now() >= until {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn hold(&mut self) -> anyhow::Result<()> {
         let hold = Duration::from_millis(self.rng.random_range(1000..4000));
         let until = Instant::now() + hold;
@@ -436,7 +454,7 @@ impl Run {
             }
             "isolate-leader" => {
                 let group = if self.rng.random_bool(0.5) { REG } else { CTR };
-                let Some((l, _)) = self.leader(group).await else {
+                let Some((l, _)) = self.leader_within(group, Duration::from_secs(5)).await else {
                     self.note(format!("isolate-leader: {group} has no leader now"));
                     return Ok(());
                 };
@@ -451,7 +469,7 @@ impl Run {
             }
             "throttle-leader" => {
                 let group = if self.rng.random_bool(0.5) { REG } else { CTR };
-                let Some((l, _)) = self.leader(group).await else {
+                let Some((l, _)) = self.leader_within(group, Duration::from_secs(5)).await else {
                     self.note(format!("throttle-leader: {group} has no leader now"));
                     return Ok(());
                 };
