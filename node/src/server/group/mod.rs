@@ -350,7 +350,9 @@ struct Group {
     /// asked for one wait for it.
     snapshot_writing: Option<Index>,
     snapshot_waiters: Vec<oneshot::Sender<AdminResult>>,
-    snapshot_written: mpsc::UnboundedSender<snapshot::Written>,
+    snapshot_io: mpsc::UnboundedSender<snapshot::SnapshotIo>,
+    /// A snapshot from the leader is being written to the store.
+    receiving: bool,
     worker: Option<LogWorker>,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
@@ -483,7 +485,8 @@ pub fn spawn_group(
         last_snapshot: snapshot.index,
         snapshot_writing: None,
         snapshot_waiters: Vec::new(),
-        snapshot_written: written_tx,
+        snapshot_io: written_tx,
+        receiving: false,
         worker: Some(worker),
         transport,
         append_latency,

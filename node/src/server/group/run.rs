@@ -7,7 +7,7 @@
 use tokio::sync::mpsc;
 
 use super::clock::Clock;
-use super::snapshot::Written;
+use super::snapshot::SnapshotIo;
 use super::{AdminError, ClientError, Group, GroupMsg, blocking};
 use crate::storage::Completion;
 
@@ -17,7 +17,7 @@ const MAX_BATCH: usize = 1024;
 enum Woke {
     Done(Completion),
     Msg(GroupMsg),
-    Written(Written),
+    SnapshotIo(SnapshotIo),
     Tick,
 }
 
@@ -26,7 +26,7 @@ impl Group {
         mut self,
         mut inbox: mpsc::Receiver<GroupMsg>,
         mut done: mpsc::UnboundedReceiver<Completion>,
-        mut written: mpsc::UnboundedReceiver<Written>,
+        mut snapshot_io: mpsc::UnboundedReceiver<SnapshotIo>,
     ) {
         let now = tokio::time::Instant::now();
         let mut clock = Clock::new(self.opts.tick, self.opts.stall_threshold, now);
@@ -39,7 +39,7 @@ impl Group {
             let woke = tokio::select! {
                 biased;
                 Some(c) = done.recv() => Woke::Done(c),
-                Some(w) = written.recv() => Woke::Written(w),
+                Some(io) = snapshot_io.recv() => Woke::SnapshotIo(io),
                 msg = inbox.recv() => match msg {
                     Some(m) => Woke::Msg(m),
                     None => break,
@@ -75,7 +75,7 @@ impl Group {
                         }
                     }
                 }
-                Woke::Written(w) => self.snapshot_written(w),
+                Woke::SnapshotIo(io) => self.snapshot_io_done(io),
                 Woke::Tick => {}
             }
             if self.failed {

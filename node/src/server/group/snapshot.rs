@@ -3,28 +3,84 @@
 //! a follower, and storing one received from the leader. A received snapshot
 //! is durable in the store before the core sees it; a failed send makes the
 //! core probe that follower again.
+//!
+//! Every file operation runs on a blocking thread, never on the group's
+//! task: a large snapshot and its fsyncs would otherwise stop heartbeats and
+//! replies for as long as they take. The result comes back to the task as a
+//! [`SnapshotIo`], handled by [`Group::snapshot_io_done`]. One of each kind
+//! runs at a time.
 
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{AdminError, AdminResult, Group, KIND_INSTALL, ReplyPath, blocking};
-use crate::statemachine::SnapshotFiles;
-
-/// After a failed automatic snapshot, how long until the next try.
-const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
+use super::{AdminError, AdminResult, Group, KIND_INSTALL, ReplyPath};
 use crate::core::{
     Index, InstallSnapshot, InstallSnapshotReply, Message, NodeId, SnapshotMeta, Term,
 };
-use crate::storage::{SnapshotInfo, SnapshotStore, WriteBatch};
+use crate::statemachine::SnapshotFiles;
+use crate::storage::{SnapshotInfo, SnapshotStore, StorageError, WriteBatch};
+
+/// After a failed automatic snapshot, how long until the next try.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
+
+/// Snapshot file work done off the group's task, back with its outcome.
+#[derive(Debug)]
+pub(super) enum SnapshotIo {
+    /// This member's own snapshot at `index` is written (or not).
+    Taken {
+        index: Index,
+        result: Result<(), String>,
+    },
+    /// A snapshot from the leader is stored (or not); the core has not seen
+    /// it yet.
+    Received {
+        from: NodeId,
+        term: Term,
+        meta: SnapshotMeta,
+        files: SnapshotFiles,
+        reply: oneshot::Sender<Message>,
+        result: Result<(), String>,
+    },
+    /// The newest snapshot is read, to be streamed to `to`.
+    Loaded {
+        to: NodeId,
+        result: Result<Option<(SnapshotInfo, SnapshotFiles)>, String>,
+    },
+}
 
 impl Group {
+    /// Runs `work` on a blocking thread; its outcome comes back to the task.
+    fn off_task(&self, work: impl FnOnce(&SnapshotStore) -> SnapshotIo + Send + 'static) {
+        let store = self.snapshots.clone();
+        let done = self.snapshot_io.clone();
+        tokio::task::spawn_blocking(move || {
+            // The group may have stopped meanwhile; nobody to tell then.
+            let _ = done.send(work(&store));
+        });
+    }
+
+    pub(super) fn snapshot_io_done(&mut self, io: SnapshotIo) {
+        match io {
+            SnapshotIo::Taken { index, result } => self.snapshot_written(index, result),
+            SnapshotIo::Received {
+                from,
+                term,
+                meta,
+                files,
+                reply,
+                result,
+            } => self.snapshot_received(from, term, meta, files, reply, result),
+            SnapshotIo::Loaded { to, result } => self.snapshot_loaded(to, result),
+        }
+    }
+
     pub(super) fn install_snapshot(
         &mut self,
         from: NodeId,
         term: Term,
         meta: SnapshotMeta,
-        files: Vec<(String, Vec<u8>)>,
+        files: SnapshotFiles,
         reply: oneshot::Sender<Message>,
     ) {
         if term < self.core.term() || meta.index <= self.core.log().committed() {
@@ -33,26 +89,49 @@ impl Group {
             self.step(from, install_msg(term, meta), ReplyPath::Once(reply));
             return;
         }
-        if self.incoming.is_some() {
-            // One install at a time: a second one in the same batch would
-            // overwrite the first before the core installed it. Refused;
-            // the leader sends the newest again.
+        if self.receiving || self.incoming.is_some() {
+            // One install at a time: a second one would overwrite the first
+            // before the core installed it. Refused; the leader probes this
+            // member again and sends the newest.
             tracing::warn!(group = %self.label.group, from, index = meta.index, "a snapshot install is already under way; refusing another");
             return self.refuse_install(reply);
         }
-        let keep = self.core.log().term(meta.index) == Some(meta.term);
-        let written = blocking(|| -> Result<(), crate::storage::StorageError> {
-            let mut w = self.snapshots.begin(meta.clone())?;
-            for (name, data) in &files {
-                w.write_chunk(name, 0, data)?;
+        self.receiving = true;
+        self.off_task(move |store| {
+            let result = write_snapshot(store, meta.clone(), &files).map_err(|e| e.to_string());
+            SnapshotIo::Received {
+                from,
+                term,
+                meta,
+                files,
+                reply,
+                result,
             }
-            w.finish()?;
-            Ok(())
         });
-        if let Err(e) = written {
+    }
+
+    /// A snapshot from the leader is durable in the store: now the core may
+    /// install it, if it still wants it (the term or the commit index may
+    /// have moved on while it was written).
+    fn snapshot_received(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        meta: SnapshotMeta,
+        files: SnapshotFiles,
+        reply: oneshot::Sender<Message>,
+        result: Result<(), String>,
+    ) {
+        self.receiving = false;
+        if let Err(e) = result {
             tracing::warn!(group = %self.label.group, error = %e, "could not store a snapshot from the leader");
             return self.refuse_install(reply);
         }
+        if term < self.core.term() || meta.index <= self.core.log().committed() {
+            self.step(from, install_msg(term, meta), ReplyPath::Once(reply));
+            return;
+        }
+        let keep = self.core.log().term(meta.index) == Some(meta.term);
         self.incoming = Some((meta.clone(), files, keep));
         self.once.insert((from, KIND_INSTALL, 0), reply);
         self.core.step(from, install_msg(term, meta));
@@ -68,18 +147,26 @@ impl Group {
         }));
     }
 
+    /// The core asked for a snapshot to be streamed to `to`: read the newest
+    /// one off the task, then hand it to the transport.
     pub(super) fn send_snapshot(&mut self, to: NodeId) {
         if !self.sending_snapshot.insert(to) {
             return;
         }
-        let loaded = blocking(|| -> Result<_, crate::storage::StorageError> {
-            let Some(info) = self.snapshots.latest()? else {
-                return Ok(None);
-            };
-            let files = read_snapshot_files(&self.snapshots, &info)?;
-            Ok(Some((info, files)))
+        self.off_task(move |store| {
+            let result = load_latest(store).map_err(|e| e.to_string());
+            SnapshotIo::Loaded { to, result }
         });
-        match loaded {
+    }
+
+    fn snapshot_loaded(
+        &mut self,
+        to: NodeId,
+        result: Result<Option<(SnapshotInfo, SnapshotFiles)>, String>,
+    ) {
+        match result {
+            // Sent in the current term: a leader that stepped down meanwhile
+            // sends a snapshot the follower refuses as stale.
             Ok(Some((info, files))) => {
                 let install = InstallSnapshot {
                     term: self.core.term(),
@@ -95,10 +182,8 @@ impl Group {
         }
     }
 
-    /// Snapshots the state machine at the applied index. The files are
-    /// written on a blocking thread, never on this task: a large snapshot
-    /// and its fsyncs would otherwise stop heartbeats and replies for as
-    /// long as they take. [`Self::snapshot_written`] finishes the job.
+    /// Snapshots the state machine at the applied index; the files are
+    /// written off the task and [`Self::snapshot_written`] finishes the job.
     pub(super) fn take_snapshot(&mut self, waiter: Option<oneshot::Sender<AdminResult>>) {
         let index = self.applier.applied_index();
         if index <= self.last_snapshot {
@@ -119,35 +204,32 @@ impl Group {
         // the writing leaves the task.
         let files = self.applier.snapshot();
         self.snapshot_writing = Some(index);
-        let store = self.snapshots.clone();
-        let done = self.snapshot_written.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = write_snapshot(&store, meta, &files)
+        self.off_task(move |store| {
+            let result = write_snapshot(store, meta, &files)
                 .map_err(|e| format!("writing snapshot at {index}: {e}"));
-            // The group may have stopped meanwhile; nobody to tell then.
-            let _ = done.send(Written { index, result });
+            SnapshotIo::Taken { index, result }
         });
     }
 
-    /// A snapshot written off the task is durable: entries up to it may go
-    /// from the core, and the log purge is queued behind earlier writes.
-    pub(super) fn snapshot_written(&mut self, w: Written) {
+    /// This member's snapshot is durable: entries up to it may go from the
+    /// core, and the log purge is queued behind earlier writes.
+    fn snapshot_written(&mut self, index: Index, result: Result<(), String>) {
         self.snapshot_writing = None;
-        if let Err(e) = w.result {
+        if let Err(e) = result {
             return self.snapshot_finished(Err(e));
         }
         // A snapshot installed from the leader meanwhile may be newer.
-        if w.index > self.last_snapshot {
-            self.last_snapshot = w.index;
-            self.core.compact(w.index);
+        if index > self.last_snapshot {
+            self.last_snapshot = index;
+            self.core.compact(index);
             if let Some(worker) = &self.worker {
                 worker.submit(WriteBatch {
                     ready: self.last_submitted,
-                    purge_to: Some(w.index),
+                    purge_to: Some(index),
                     ..Default::default()
                 });
             }
-            tracing::info!(group = %self.label.group, index = w.index, "snapshot taken");
+            tracing::info!(group = %self.label.group, index, "snapshot taken");
         }
         self.snapshot_finished(Ok(self.last_snapshot));
     }
@@ -168,18 +250,21 @@ impl Group {
     }
 }
 
-/// A snapshot written off the group's task, and how that went.
-#[derive(Debug)]
-pub(super) struct Written {
-    index: Index,
-    result: Result<(), String>,
+fn load_latest(
+    store: &SnapshotStore,
+) -> Result<Option<(SnapshotInfo, SnapshotFiles)>, StorageError> {
+    let Some(info) = store.latest()? else {
+        return Ok(None);
+    };
+    let files = read_snapshot_files(store, &info)?;
+    Ok(Some((info, files)))
 }
 
 fn write_snapshot(
     store: &SnapshotStore,
     meta: SnapshotMeta,
     files: &SnapshotFiles,
-) -> Result<(), crate::storage::StorageError> {
+) -> Result<(), StorageError> {
     let mut w = store.begin(meta)?;
     for (name, data) in files {
         w.write_chunk(name, 0, data)?;
@@ -191,7 +276,7 @@ fn write_snapshot(
 pub(super) fn read_snapshot_files(
     store: &SnapshotStore,
     info: &SnapshotInfo,
-) -> Result<Vec<(String, Vec<u8>)>, crate::storage::StorageError> {
+) -> Result<SnapshotFiles, StorageError> {
     info.files
         .iter()
         .map(|(name, _, _)| Ok((name.clone(), store.read_file(info, name)?)))
