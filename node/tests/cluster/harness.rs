@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kuberaft_node::client::{Client, ClientOptions};
+use kuberaft_node::core::FEATURE_LEVEL;
 use kuberaft_node::rpc::peer::channel;
 use kuberaft_proto::v1 as pb;
 use kuberaft_proto::v1::admin_protocol_service_client::AdminProtocolServiceClient;
@@ -34,6 +35,9 @@ pub struct Member {
     pub http: String,
     pub data: PathBuf,
     pub id: u64,
+    /// Flags for this member only, after the cluster's (a member playing
+    /// an older version, say); used from its next (re)start.
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -91,6 +95,7 @@ impl Cluster {
             http: format!("127.0.0.1:{}", free_port()),
             data: self.dir.path().join(format!("node-{i}")),
             id: 0,
+            args: Vec::new(),
             child: None,
         });
         self.restart(i).await;
@@ -113,6 +118,7 @@ impl Cluster {
             .args(["--data-dir", m.data.to_str().expect("utf-8 path")])
             .args(["--listen", &m.addr, "--http-listen", &m.http])
             .args(&self.extra)
+            .args(&m.args)
             .env("KUBERAFT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -254,17 +260,20 @@ impl Cluster {
     /// moves only on what a test sends.
     pub async fn settled(&self, i: usize, group: &str) {
         poll(&format!("member {i} to settle {group}"), || async {
-            let (_, body) = self.http_get(i, "/status");
-            let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-            let g = status["groups"]
-                .as_array()?
-                .iter()
-                .find(|g| g["group"] == group)?;
-            let level =
-                g["cluster_level"].as_u64()? == u64::from(kuberaft_node::core::FEATURE_LEVEL);
+            let g = self.group_status(i, group)?;
+            let level = g["cluster_level"].as_u64()? == u64::from(FEATURE_LEVEL);
             (g["role"] == "leader" && level && g["commit_index"] == g["last_index"]).then_some(())
         })
         .await
+    }
+
+    /// Member `i`'s `/status` entry for `group`.
+    pub fn group_status(&self, i: usize, group: &str) -> Option<serde_json::Value> {
+        let (_, body) = self.http_get(i, "/status");
+        let mut status: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let groups = status["groups"].as_array_mut()?;
+        let at = groups.iter().position(|g| g["group"] == group)?;
+        Some(groups.swap_remove(at))
     }
 
     /// Waits until member `i` applied everything the leader committed.

@@ -1736,3 +1736,41 @@ async fn local_up_keeps_serving_when_a_member_cannot_start_and_says_why_once() {
     .await;
     assert!(up.interrupt());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_level_waits_for_a_member_of_the_previous_version() {
+    use kuberaft_node::core::FEATURE_LEVEL;
+    let mut c = Cluster::start(3, &[]).await;
+    // Member 2 plays the previous version: it knows no newer level.
+    c.members[2].args = vec!["--feature-level".into(), "1".into()];
+    c.kill(2);
+    c.restart(2).await;
+    c.create_group("default", "kv", &[0, 1, 2]).await;
+    let leader = c.leader("default", &[0, 1, 2]).await;
+    let cl = c.client("default", &[0, 1, 2]);
+    for i in 0..20 {
+        cl.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    for i in 0..3 {
+        c.caught_up(i, "default", leader).await;
+    }
+    let level = |c: &Cluster, i| c.group_status(i, "default")?["cluster_level"].as_u64();
+    for i in 0..3 {
+        assert_eq!(
+            level(&c, i),
+            Some(1),
+            "member {i}: no level above the oldest member's"
+        );
+    }
+    // Upgraded: the same data, the current version.
+    c.members[2].args.clear();
+    c.kill(2);
+    c.restart(2).await;
+    poll("every member to reach the current level", || async {
+        (0..3)
+            .all(|i| level(&c, i) == Some(u64::from(FEATURE_LEVEL)))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(cl.get(b"k19").await.unwrap(), Some(Bytes::from("v")));
+}
