@@ -102,9 +102,9 @@ pub enum StorageError {
         error: io::Error,
     },
     #[error(
-        "{} is corrupt at byte {offset}: {reason}. The member cannot start safely: restore it from a \
-         healthy peer (delete its data directory and add it back as a new member), or start it with \
-         truncate_on_corruption to drop the log from this record on (entries committed only here are lost)",
+        "{} is corrupt at byte {offset}: {reason}. The member cannot start safely: replace it from \
+         its healthy peers (move its data directory aside, start it empty, `kuberaft peer remove \
+         --id <its old id>`, then `kuberaft peer add --address <its address>`)",
         file.display()
     )]
     Corrupt {
