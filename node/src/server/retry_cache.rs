@@ -95,6 +95,10 @@ struct CacheSnapshotSession {
     /// Log time of the client's newest applied call.
     #[prost(uint64, tag = "3")]
     last_ms: u64,
+    /// Log time at which the watermark expires; absent in snapshots of
+    /// versions that did not store it (then `last_ms` + the window).
+    #[prost(uint64, optional, tag = "4")]
+    watermark_until_ms: Option<u64>,
 }
 
 /// Identifies one call of one client.
@@ -146,9 +150,16 @@ struct Done {
 struct Session {
     /// Every call below this was answered; 0 when the client never said.
     answered_below: u64,
-    /// Log time of the newest applied call; the watermark lives `ttl_ms`
-    /// past it.
+    /// Log time of the newest applied call.
     last_ms: u64,
+    /// Log time at which the watermark expires: the window in force when the
+    /// newest call was applied, past that call. Kept as a time, never
+    /// recomputed from the window in force now: the window can change from
+    /// call to call (it is the logging leader's), and a watermark that
+    /// expired must stay expired whatever window comes next. It depends on
+    /// the newest call only, so a member that restored a snapshot without
+    /// this session agrees from the client's next call on.
+    watermark_until: u64,
     done: BTreeMap<u64, Done>,
     /// (expiry, call) of done entries in completion order, for the sweep.
     /// May name calls already dropped by the watermark.
@@ -156,9 +167,15 @@ struct Session {
 }
 
 impl Session {
-    fn watermark(&self, now: u64, ttl: u64) -> Option<u64> {
-        (self.answered_below > 0 && self.last_ms.saturating_add(ttl) > now)
-            .then_some(self.answered_below)
+    fn watermark(&self, now: u64) -> Option<u64> {
+        (self.answered_below > 0 && self.watermark_until > now).then_some(self.answered_below)
+    }
+
+    /// A call of this client logged at `now` was applied under window `ttl`.
+    fn called(&mut self, now: u64, ttl: u64) {
+        self.forget_expired(now);
+        self.last_ms = self.last_ms.max(now);
+        self.watermark_until = self.last_ms.saturating_add(ttl);
     }
 
     fn done(&self, call: u64, now: u64) -> Option<&Done> {
@@ -189,14 +206,14 @@ impl Session {
     /// not reached yet must behave exactly like one it freed (or one a
     /// snapshot left out): otherwise a new call would bring the expired
     /// watermark back to life on this member only.
-    fn forget_expired(&mut self, clock: u64, ttl: u64) {
-        if self.watermark(clock, ttl).is_none() {
+    fn forget_expired(&mut self, clock: u64) {
+        if self.watermark(clock).is_none() {
             self.answered_below = 0;
         }
     }
 
-    fn is_idle(&self, now: u64, ttl: u64) -> bool {
-        self.done.is_empty() && self.watermark(now, ttl).is_none()
+    fn is_idle(&self, now: u64) -> bool {
+        self.done.is_empty() && self.watermark(now).is_none()
     }
 }
 
@@ -290,7 +307,7 @@ impl RetryCache {
         if let Some(d) = s.done(key.call, now) {
             return Some(Lookup::Done(d.reply.clone()));
         }
-        match s.watermark(now, self.ttl_ms) {
+        match s.watermark(now) {
             Some(below) if key.call < below => Some(Lookup::Answered { below }),
             _ => None,
         }
@@ -331,8 +348,7 @@ impl RetryCache {
             return;
         }
         let s = self.sessions.entry(key.client.clone()).or_default();
-        s.forget_expired(self.clock, self.ttl_ms);
-        s.last_ms = s.last_ms.max(self.clock);
+        s.called(self.clock, self.ttl_ms);
         if answered_below > s.answered_below {
             s.answered_below = answered_below;
             self.done_entries -= s.trim(self.clock);
@@ -347,8 +363,7 @@ impl RetryCache {
         self.clock = self.clock.max(logged_at_ms);
         let now = self.clock;
         let s = self.sessions.entry(key.client).or_default();
-        s.forget_expired(now, self.ttl_ms);
-        s.last_ms = s.last_ms.max(now);
+        s.called(now, self.ttl_ms);
         if key.call < s.answered_below {
             return;
         }
@@ -377,11 +392,10 @@ impl RetryCache {
             return;
         }
         self.next_sweep = now.saturating_add((self.ttl_ms / 8).clamp(1, 5_000));
-        let ttl = self.ttl_ms;
         let mut freed = 0;
         self.sessions.retain(|_, s| {
             freed += s.trim(now);
-            !s.is_idle(now, ttl)
+            !s.is_idle(now)
         });
         self.done_entries -= freed;
     }
@@ -413,11 +427,12 @@ impl RetryCache {
                     error: d.reply.result.as_ref().err().cloned(),
                 });
             }
-            if s.watermark(now, self.ttl_ms).is_some() {
+            if s.watermark(now).is_some() {
                 snap.sessions.push(CacheSnapshotSession {
                     client: client.clone(),
                     answered_below: s.answered_below,
                     last_ms: s.last_ms,
+                    watermark_until_ms: Some(s.watermark_until),
                 });
             }
         }
@@ -450,6 +465,9 @@ impl RetryCache {
             let e = sessions.entry(s.client).or_default();
             e.answered_below = s.answered_below;
             e.last_ms = s.last_ms;
+            e.watermark_until = s
+                .watermark_until_ms
+                .unwrap_or_else(|| s.last_ms.saturating_add(self.ttl_ms));
         }
         let mut order: Vec<(Bytes, u64, u64)> = Vec::with_capacity(snap.entries.len());
         for e in snap.entries {
