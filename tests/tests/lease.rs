@@ -109,13 +109,13 @@ async fn a_starved_cut_off_leader_stops_lease_reads_and_steps_down_on_real_time(
     };
     let client = Client::new(&[procs.members[l].addr.clone()], GROUP.as_bytes(), opts).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while client.put(b"k", b"v").await.is_err() {
+    while client.put(b"k", b"0").await.is_err() {
         assert!(Instant::now() < deadline, "no write through the leader");
     }
 
     let throttle = Throttle::start(procs.pid(l).unwrap());
-    // Successful reads, by the instant they were sent.
-    let served = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    // Successful reads: when they were sent and the value they saw.
+    let served = Arc::new(Mutex::new(Vec::<(Instant, u64)>::new()));
     let reading = Arc::new(AtomicBool::new(true));
     let readers: Vec<_> = (0..3)
         .map(|_| {
@@ -123,8 +123,9 @@ async fn a_starved_cut_off_leader_stops_lease_reads_and_steps_down_on_real_time(
             tokio::spawn(async move {
                 while reading.load(Ordering::Relaxed) {
                     let sent = Instant::now();
-                    if client.get(b"k").await.is_ok() {
-                        served.lock().await.push(sent);
+                    if let Ok(Some(v)) = client.get(b"k").await {
+                        let v = std::str::from_utf8(&v).unwrap().parse().unwrap();
+                        served.lock().await.push((sent, v));
                     }
                 }
             })
@@ -137,6 +138,26 @@ async fn a_starved_cut_off_leader_stops_lease_reads_and_steps_down_on_real_time(
         procs.net.set(l, o, Link::Down);
         procs.net.set(o, l, Link::Down);
     }
+    // The majority elects a new leader and takes writes: a read the old
+    // leader serves after one of them was acknowledged would be stale.
+    let majority: Vec<String> = (0..3)
+        .filter(|o| *o != l)
+        .map(|o| procs.members[o].addr.clone())
+        .collect();
+    let writer = Client::new(&majority, GROUP.as_bytes(), ClientOptions::default()).unwrap();
+    let acked = Arc::new(Mutex::new(Vec::<(Instant, u64)>::new()));
+    let writing = {
+        let (acked, reading) = (acked.clone(), reading.clone());
+        tokio::spawn(async move {
+            let mut n = 1u64;
+            while reading.load(Ordering::Relaxed) {
+                if writer.put(b"k", n.to_string().as_bytes()).await.is_ok() {
+                    acked.lock().await.push((Instant::now(), n));
+                    n += 1;
+                }
+            }
+        })
+    };
     let stepped_down = loop {
         let info = group_info(&procs, l, GROUP).await;
         if info.is_some_and(|g| g.role() != pb::RaftRole::Leader) {
@@ -149,20 +170,44 @@ async fn a_starved_cut_off_leader_stops_lease_reads_and_steps_down_on_real_time(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Until the majority has acknowledged writes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().await.len() < 5 {
+        assert!(Instant::now() < deadline, "the majority took no writes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     reading.store(false, Ordering::Relaxed);
     for r in readers {
         r.await.unwrap();
     }
+    writing.await.unwrap();
     throttle.stop().await;
     procs.net.heal();
 
     let served = served.lock().await;
-    let before = served.iter().filter(|t| **t < cut).count();
+    let acked = acked.lock().await;
+    for (sent, seen) in served.iter() {
+        let newest_acked = acked
+            .iter()
+            .filter(|(at, _)| at < sent)
+            .map(|(_, v)| *v)
+            .max();
+        assert!(
+            newest_acked.is_none_or(|v| v <= *seen),
+            "stale read: sent {:?} after the cut, it saw {seen} though {newest_acked:?} was acknowledged before",
+            sent.saturating_duration_since(cut)
+        );
+    }
+    let before = served.iter().filter(|(t, _)| *t < cut).count();
     assert!(
         before > 0,
         "the starved leader served no read while connected"
     );
-    let last = served.iter().max().copied().expect("reads were served");
+    let last = served
+        .iter()
+        .map(|(t, _)| *t)
+        .max()
+        .expect("reads were served");
     let last_after_cut = last.saturating_duration_since(cut);
     assert!(
         last_after_cut < LEASE_BOUND,

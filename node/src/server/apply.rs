@@ -415,7 +415,10 @@ mod tests {
         y.restore(4, &x.snapshot()).unwrap();
         let (ox, oy) = (outcomes(&mut x, &late), outcomes(&mut y, &late));
         assert_eq!(ox, oy, "the full member and the restored one agree");
-        assert!(!ox[0].0, "c's watermark expired at 1.1 s: call 3 is new at 3 s");
+        assert!(
+            !ox[0].0,
+            "c's watermark expired at 1.1 s: call 3 is new at 3 s"
+        );
     }
 
     fn level(index: Index, level: u32) -> Entry {

@@ -67,10 +67,12 @@ impl Clock {
         let ticks = total.saturating_sub(self.told);
         self.told = self.told.max(total);
         let late = now.saturating_duration_since(self.deadline);
-        Advance {
-            ticks,
-            stalled: (late > self.stall_threshold).then_some(late),
+        let stalled = (late > self.stall_threshold).then_some(late);
+        if stalled.is_some() {
+            // Reported once: the rest of this batch runs on time again.
+            self.deadline = now;
         }
+        Advance { ticks, stalled }
     }
 
     /// Whether the core is quiet, which sets how often the task must wake.
@@ -130,6 +132,9 @@ mod tests {
         let a = c.advance(start + Duration::from_millis(2_550));
         assert_eq!(a.ticks, 51);
         assert!(a.stalled.is_some_and(|late| late >= Duration::from_secs(2)));
+        // Reported once, not again for the rest of the batch.
+        let a = c.advance(start + Duration::from_millis(2_560));
+        assert_eq!(a.stalled, None);
         // Behind by less than the threshold is only late, not a stall.
         let d = c.next_deadline();
         let a = c.advance(d + Duration::from_millis(300));

@@ -46,19 +46,7 @@ impl Group {
                 },
                 _ = &mut sleep => Woke::Tick,
             };
-            let advance = clock.advance(tokio::time::Instant::now());
-            if let Some(late) = advance.stalled {
-                // Judged before the ticks are told: a leader that was not
-                // running must not serve a read or a write on what it
-                // believed before the stall.
-                if self.core.role() == crate::core::Role::Leader {
-                    tracing::warn!(group = %self.label.group, stall_ms = late.as_millis() as u64, "runtime stalled: the group's task was not running; the leader steps down");
-                }
-                self.core.step_down();
-            }
-            if advance.ticks > 0 {
-                self.core.tick_by(advance.ticks);
-            }
+            self.tell_time(&mut clock);
             match woke {
                 Woke::Done(c) => {
                     self.on_completion(c);
@@ -70,7 +58,13 @@ impl Group {
                     self.handle(m);
                     for _ in 0..MAX_BATCH {
                         match inbox.try_recv() {
-                            Ok(m) => self.handle(m),
+                            Ok(m) => {
+                                // The process may have been frozen since
+                                // the last message (a CPU quota): a lease
+                                // read is judged on the time it is read.
+                                self.tell_time(&mut clock);
+                                self.handle(m);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -93,6 +87,24 @@ impl Group {
             sleep.as_mut().reset(clock.next_deadline());
         }
         self.stop();
+    }
+
+    /// Tells the core the ticks that went by, and steps a leader down first
+    /// when the task was kept from running for longer than the threshold.
+    fn tell_time(&mut self, clock: &mut Clock) {
+        let advance = clock.advance(tokio::time::Instant::now());
+        if let Some(late) = advance.stalled {
+            // Judged before the ticks are told: a leader that was not
+            // running must not serve a read or a write on what it believed
+            // before the stall.
+            if self.core.role() == crate::core::Role::Leader {
+                tracing::warn!(group = %self.label.group, stall_ms = late.as_millis() as u64, "runtime stalled: the group's task was not running; the leader steps down");
+            }
+            self.core.step_down();
+        }
+        if advance.ticks > 0 {
+            self.core.tick_by(advance.ticks);
+        }
     }
 
     fn stop(&mut self) {
