@@ -1640,4 +1640,54 @@ fn t40_the_cluster_level_rises_only_once_every_member_knows_it() {
         Some(Err(ConfChangeError::StagingTimeout { .. }))
     ));
     assert!(!net.nodes[&1].membership().voters.contains_key(&4));
+    // Nor as a listener, which used to be added at once.
+    let listener = ConfChangeRequest {
+        mode: ConfChangeMode::Add,
+        voters: vec![],
+        listeners: vec![PeerInfo::new(4)],
+    };
+    net.core(1).change_membership(listener.clone()).unwrap();
+    net.tick_all(40);
+    assert!(matches!(
+        conf_done(&net.take_events(1)),
+        Some(Err(ConfChangeError::StagingTimeout { .. }))
+    ));
+    assert!(!net.nodes[&1].membership().contains(4));
+    // Upgraded, it is admitted.
+    net.crash(4);
+    net.start(4, current(4));
+    net.core(1).change_membership(listener).unwrap();
+    net.tick_all(20);
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    assert!(net.nodes[&1].membership().is_listener(4));
+}
+
+#[test]
+fn t40_a_member_removed_and_added_back_at_once_gets_the_log() {
+    // A staged member counts as caught up only with the whole log.
+    let mut net = Net::with_config(3, |c| c.staging_catch_up_gap = 0);
+    net.elect(1);
+    net.propose(1, "a");
+    let remove = ConfChangeRequest {
+        mode: ConfChangeMode::SetUnconditionally,
+        voters: vec![PeerInfo::new(1), PeerInfo::new(2)],
+        listeners: vec![],
+    };
+    // n3 hears nothing more, so it stays departing on the leader (for two
+    // staging timeouts, 60 ticks).
+    net.cut.insert(3);
+    net.core(1).change_membership(remove).unwrap();
+    net.tick_all(50);
+    assert!(conf_done(&net.take_events(1)).unwrap().is_ok());
+    // Added back while still departing, and unreachable past the end of
+    // its departure but within the staging timeout.
+    net.core(1).change_membership(add_voter(3)).unwrap();
+    net.tick_all(15);
+    net.cut.clear();
+    net.tick_all(20);
+    assert!(
+        conf_done(&net.take_events(1)).is_some_and(|r| r.is_ok()),
+        "the staged member was replicated to and caught up"
+    );
+    assert!(net.nodes[&1].membership().voters.contains_key(&3));
 }

@@ -266,6 +266,7 @@ impl RaftCore {
                 target: leave_joint(&membership),
                 phase,
                 notify: false,
+                required_level: 1,
             }
         });
         self.leader_state = Some(LeaderState {

@@ -30,6 +30,22 @@ impl RaftCore {
         }
     }
 
+    /// The highest level this member's log holds, applied or not: a level
+    /// entry a new leader has not applied yet still binds what it admits.
+    pub(super) fn log_level(&self) -> u32 {
+        let (from, to) = (self.apply_cursor + 1, self.log.last_index());
+        let pending = (from <= to)
+            .then(|| self.log.slice(from, to, usize::MAX))
+            .flatten()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e.payload {
+                EntryPayload::ClusterLevel(l) => Some(l),
+                _ => None,
+            });
+        pending.fold(self.cluster_level, u32::max)
+    }
+
     /// The level a member's version knows, as it reported it.
     pub(super) fn reported_level(&self, id: NodeId) -> u32 {
         if id == self.id {

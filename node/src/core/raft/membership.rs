@@ -74,10 +74,21 @@ impl RaftCore {
                 .push(Event::ConfChangeDone(Ok(self.log.membership_index())));
             return Ok(());
         }
+        // New voters are staged until they caught up. Past cluster level 1,
+        // new listeners are too: a member must report a version that knows
+        // the group's level before it gets any part in the group, or it
+        // would apply the log the old way (see `level.rs`).
+        let required_level = self.log_level();
         let staged: BTreeSet<NodeId> = target
             .voters
             .keys()
             .filter(|id| !current.voters.contains_key(id))
+            .chain(
+                target
+                    .listeners
+                    .keys()
+                    .filter(|id| required_level > 1 && !current.contains(**id)),
+            )
             .copied()
             .collect();
         let next = self.log.last_index() + 1;
@@ -85,6 +96,9 @@ impl RaftCore {
         let me = self.id;
         let ls = self.ls();
         for id in target.members() {
+            // A member removed a moment ago and added again is no longer
+            // departing: its progress must stay.
+            ls.departing.remove(&id);
             if id != me {
                 ls.progress.entry(id).or_insert_with(|| Progress::new(next));
             }
@@ -98,6 +112,7 @@ impl RaftCore {
                 matches,
             },
             notify: true,
+            required_level,
         });
         ls.broadcast_pending = true;
         self.check_staging();
@@ -113,6 +128,7 @@ impl RaftCore {
         let Some(ConfChange {
             phase: ConfPhase::Staging { staged, .. },
             target,
+            required_level,
             ..
         }) = &ls.conf_change
         else {
@@ -124,7 +140,7 @@ impl RaftCore {
             ls.progress
                 .get(id)
                 .is_some_and(|p| p.match_index + gap >= last && p.match_index > 0)
-                && self.reported_level(*id) >= self.cluster_level
+                && self.reported_level(*id) >= *required_level
         });
         if !caught_up {
             return;

@@ -156,6 +156,9 @@ struct ConfChange {
     /// Whether a caller waits for `ConfChangeDone` (false when a new leader
     /// finishes a change it inherited).
     notify: bool,
+    /// The cluster level a staged member's version must know (see
+    /// `level.rs`), fixed when the change starts.
+    required_level: u32,
 }
 
 #[derive(Clone, Debug)]
