@@ -42,9 +42,11 @@ pub(super) enum SnapshotIo {
         reply: oneshot::Sender<Message>,
         result: Result<(), String>,
     },
-    /// The newest snapshot is read, to be streamed to `to`.
+    /// The newest snapshot is read, to be streamed to `to` by the leader of
+    /// `term`.
     Loaded {
         to: NodeId,
+        term: Term,
         result: Result<Option<(SnapshotInfo, SnapshotFiles)>, String>,
     },
 }
@@ -71,7 +73,7 @@ impl Group {
                 reply,
                 result,
             } => self.snapshot_received(from, term, meta, files, reply, result),
-            SnapshotIo::Loaded { to, result } => self.snapshot_loaded(to, result),
+            SnapshotIo::Loaded { to, term, result } => self.snapshot_loaded(to, term, result),
         }
     }
 
@@ -98,7 +100,7 @@ impl Group {
         }
         self.receiving = true;
         self.off_task(move |store| {
-            let result = write_snapshot(store, meta.clone(), &files).map_err(|e| e.to_string());
+            let result = guarded(|| write_snapshot(store, meta.clone(), &files));
             SnapshotIo::Received {
                 from,
                 term,
@@ -153,26 +155,36 @@ impl Group {
         if !self.sending_snapshot.insert(to) {
             return;
         }
+        let term = self.core.term();
         self.off_task(move |store| {
-            let result = load_latest(store).map_err(|e| e.to_string());
-            SnapshotIo::Loaded { to, result }
+            let result = guarded(|| load_latest(store));
+            SnapshotIo::Loaded { to, term, result }
         });
     }
 
     fn snapshot_loaded(
         &mut self,
         to: NodeId,
+        term: Term,
         result: Result<Option<(SnapshotInfo, SnapshotFiles)>, String>,
     ) {
+        let still_leading =
+            self.core.role() == crate::core::Role::Leader && self.core.term() == term;
         match result {
-            // Sent in the current term: a leader that stepped down meanwhile
-            // sends a snapshot the follower refuses as stale.
-            Ok(Some((info, files))) => {
+            // Only in the term it was asked for: sent in a later one, by a
+            // member no longer leading, it would make the follower take
+            // that member for its leader.
+            Ok(Some((info, files))) if still_leading => {
                 let install = InstallSnapshot {
-                    term: self.core.term(),
+                    term,
                     meta: info.meta,
                 };
                 self.transport.send_snapshot(&self.id, to, install, files);
+            }
+            Ok(Some(_)) => {
+                tracing::debug!(group = %self.label.group, to, "no longer leading in the term the snapshot was asked for; not sent");
+                self.sending_snapshot.remove(&to);
+                self.core.report_snapshot_failure(to);
             }
             other => {
                 tracing::warn!(group = %self.label.group, to, result = ?other.err(), "no snapshot to send");
@@ -205,7 +217,7 @@ impl Group {
         let files = self.applier.snapshot();
         self.snapshot_writing = Some(index);
         self.off_task(move |store| {
-            let result = write_snapshot(store, meta, &files)
+            let result = guarded(|| write_snapshot(store, meta, &files))
                 .map_err(|e| format!("writing snapshot at {index}: {e}"));
             SnapshotIo::Taken { index, result }
         });
@@ -247,6 +259,15 @@ impl Group {
         for w in self.snapshot_waiters.drain(..) {
             let _ = w.send(result.clone().map_err(AdminError::Failed));
         }
+    }
+}
+
+/// Runs file work, turning a panic into an error: the task waiting for the
+/// outcome must hear of it, or it would wait (and refuse installs) forever.
+fn guarded<T>(work: impl FnOnce() -> Result<T, StorageError>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("snapshot file work panicked (see the log)".to_string()),
     }
 }
 
