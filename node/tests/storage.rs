@@ -452,6 +452,71 @@ mod worker {
         }
     }
 
+    /// Storage reads for a leader's followers behind its snapshot: bounded
+    /// by bytes (two entries at least), read after the writes queued before
+    /// them, and `None` once a purge queued before them dropped the entries.
+    #[test]
+    fn t60_fetches_read_bounded_entries_in_order_and_see_purges_before_them() {
+        use kuberaft_node::core::Fetch;
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let fs_dyn: Arc<dyn FileSystem> = Arc::new(fs.clone());
+        let opts = LogOptions {
+            purge_keep_entries: 0,
+            cache_max_bytes: 0,
+            ..small()
+        };
+        let log = SegmentedLog::open(fs_dyn.clone(), dir.path(), opts, 0).unwrap();
+        let mut st = WorkerState::new(log, MetaStore::new(fs_dyn, dir.path()), Meta::default());
+        let all: Vec<_> = (1..=80).map(|i| entry(1 + i / 10, i)).collect();
+        let fetch = |prev, hi, max_bytes| WriteBatch {
+            ready: 1,
+            fetch: Some(Fetch {
+                to: 2,
+                prev,
+                hi,
+                max_bytes,
+            }),
+            ..Default::default()
+        };
+        let write = WriteBatch {
+            ready: 1,
+            entries: all.clone(),
+            ..Default::default()
+        };
+        // Written and read in one group: the read sees the write before it.
+        let done = st.commit_group(vec![write, fetch(5, 60, 1 << 20), fetch(5, 60, 1)]);
+        let fetched: Vec<_> = done
+            .iter()
+            .filter_map(|c| match c {
+                Completion::Fetched { entries, .. } => Some(entries.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fetched[0].as_deref(), Some(&all[4..60]), "all of 5..=60");
+        assert_eq!(
+            fetched[1].as_deref(),
+            Some(&all[4..6]),
+            "one byte: two entries"
+        );
+        // A purge queued before a fetch has happened when it reads.
+        let purge = WriteBatch {
+            ready: 1,
+            purge_to: Some(40),
+            ..Default::default()
+        };
+        let done = st.commit_group(vec![purge, fetch(5, 60, 1 << 20), fetch(70, 80, 1 << 20)]);
+        let fetched: Vec<_> = done
+            .iter()
+            .filter_map(|c| match c {
+                Completion::Fetched { entries, .. } => Some(entries.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fetched[0], None, "purged: the follower needs the snapshot");
+        assert_eq!(fetched[1].as_deref(), Some(&all[69..80]));
+    }
+
     #[test]
     fn t50_one_fsync_for_a_whole_group_of_batches() {
         let dir = tempfile::tempdir().unwrap();
@@ -698,10 +763,21 @@ mod recovery {
             hard_state: ready.hard_state,
             entries: ready.entries,
             purge_to: None,
+            fetch: None,
         };
-        for c in st.commit_group(vec![batch]) {
-            if let Completion::Durable { ready, .. } = c {
-                core.on_persisted(ready);
+        let fetches = ready.fetch.into_iter().map(|f| WriteBatch {
+            ready: ready.number,
+            fetch: Some(f),
+            ..Default::default()
+        });
+        let batches = std::iter::once(batch).chain(fetches).collect();
+        for c in st.commit_group(batches) {
+            match c {
+                Completion::Durable { ready, .. } => core.on_persisted(ready),
+                Completion::Fetched { fetch, entries } => {
+                    core.fetched(fetch.to, fetch.prev, entries)
+                }
+                _ => {}
             }
         }
         if let Some(last) = ready.committed_entries.last().map(|e| e.index) {

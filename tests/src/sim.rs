@@ -19,9 +19,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use kuberaft_node::core::{
-    ConfChangeMode, ConfChangeRequest, Config, Entry, EntryPayload, Envelope, Event, HardState,
-    Index, Membership, Message, NodeId, PeerInfo, RaftCore, ReadError, Ready, Role, SnapshotMeta,
-    Term,
+    ConfChangeMode, ConfChangeRequest, Config, Entry, EntryPayload, Envelope, Event, Fetch,
+    HardState, Index, Membership, Message, NodeId, PeerInfo, RaftCore, ReadError, Ready, Role,
+    SnapshotMeta, Term,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -92,6 +92,10 @@ pub struct SimStats {
     pub pauses: u64,
     /// Times a leader went quiet.
     pub quiet_spells: u64,
+    /// Entries a leader read back from storage for a follower behind its
+    /// snapshot, and reads that found them purged (the snapshot went then).
+    pub entries_fetched: u64,
+    pub fetches_purged: u64,
     pub virtual_ms: u64,
 }
 
@@ -141,6 +145,9 @@ struct Features {
     /// or restarts or the links change, every member is woken. Without it,
     /// quiet followers rely on their own long timeout.
     liveness_oracle: bool,
+    /// Entries storage keeps behind a local snapshot, for followers that
+    /// are behind it (see `core/raft/fetch.rs`).
+    purge_keep: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +202,12 @@ enum EventKind {
     DiskDone {
         node: NodeId,
         incarnation: u64,
+    },
+    /// A leader's read of entries behind its snapshot is done.
+    FetchDone {
+        node: NodeId,
+        incarnation: u64,
+        fetch: Fetch,
     },
     ClientWake {
         client: usize,
@@ -368,6 +381,9 @@ impl Sim {
             ops_after_heal: 5,
             quiesce: rng.random_bool(0.7),
             liveness_oracle: rng.random_bool(0.8),
+            // Drawn apart, so that every seed keeps the features above.
+            purge_keep: [0, 5, 30, 200]
+                [SmallRng::seed_from_u64(opts.seed ^ 0x7075_7267_6500).random_range(0..4)],
         };
         let spares = 2;
         let total = opts.members + spares;
@@ -656,6 +672,7 @@ impl Sim {
             persisted_messages,
             committed_entries,
             send_snapshot,
+            fetch,
             events,
         } = ready;
         self.check_appended(id, &entries);
@@ -706,7 +723,21 @@ impl Sim {
             };
             self.send(Endpoint::Node(id), Endpoint::Node(to), payload);
         }
-        // 6. Events.
+        // 6. Reads of compacted entries, answered after a disk's latency:
+        // a purge may come first.
+        for fetch in fetch {
+            let latency = self.rng.random_range(MS / 10..=self.f.disk_latency_max);
+            let incarnation = self.nodes[&id].incarnation;
+            self.schedule(
+                self.now + latency,
+                EventKind::FetchDone {
+                    node: id,
+                    incarnation,
+                    fetch,
+                },
+            );
+        }
+        // 7. Events.
         for ev in events {
             self.on_event(id, ev);
         }
@@ -771,7 +802,9 @@ impl Sim {
         let mut compact = None;
         if let Some((meta, data)) = job.local_snapshot {
             if meta.index > node.disk.snapshot.index {
-                node.disk.log.retain(|i, _| *i > meta.index);
+                // Storage keeps a tail behind the snapshot for followers.
+                let keep_from = meta.index.saturating_sub(self.f.purge_keep);
+                node.disk.log.retain(|i, _| *i > keep_from);
                 node.disk.snapshot = meta.clone();
                 node.disk.snapshot_data = data;
             }
@@ -1253,6 +1286,25 @@ impl Sim {
                 }
                 let job = n.jobs.pop_front().expect("a job per DiskDone");
                 self.complete_job(node, job);
+                self.drive(node);
+            }
+            EventKind::FetchDone {
+                node,
+                incarnation,
+                fetch,
+            } => {
+                let n = &self.nodes[&node];
+                if !n.up || n.incarnation != incarnation {
+                    return;
+                }
+                let entries = read_disk(&n.disk, fetch);
+                match &entries {
+                    Some(es) => self.stats.entries_fetched += es.len() as u64 - 1,
+                    None => self.stats.fetches_purged += 1,
+                }
+                if let Some(core) = self.core(node) {
+                    core.fetched(fetch.to, fetch.prev, entries);
+                }
                 self.drive(node);
             }
             EventKind::ClientWake { client } => self.client_wake(client),
@@ -1750,4 +1802,20 @@ pub fn run(opts: SimOptions) -> Result<SimStats, Box<Violation>> {
             }))
         }
     }
+}
+
+/// What a member's log storage returns for a fetch: the entries from `prev`
+/// on, as many as `max_bytes` allows (two at least), if it still holds them.
+fn read_disk(disk: &Disk, f: Fetch) -> Option<Vec<Entry>> {
+    let mut out: Vec<Entry> = Vec::new();
+    let mut bytes = 0;
+    for i in f.prev..=f.hi {
+        let e = disk.log.get(&i)?;
+        bytes += e.size_bytes();
+        if out.len() >= 2 && bytes > f.max_bytes {
+            break;
+        }
+        out.push(e.clone());
+    }
+    Some(out)
 }

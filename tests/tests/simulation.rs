@@ -27,6 +27,8 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
                 total.transfers_ok += s.transfers_ok;
                 total.snapshots_installed += s.snapshots_installed;
                 total.quiet_spells += s.quiet_spells;
+                total.entries_fetched += s.entries_fetched;
+                total.fetches_purged += s.fetches_purged;
             }
             Err(v) => panic!("seed {seed} ({members} members) failed:\n{v}"),
         }
@@ -34,7 +36,8 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
     println!(
         "{count} seeds x {members} members in {:?}: {} operations checked, {} leaders, {} crashes, \
          {} partitions, {} membership changes, {} transfers, {} snapshots installed, \
-         {} quiet spells",
+         {} quiet spells, {} entries read back from storage for followers behind a snapshot \
+         ({} reads found them purged)",
         started.elapsed(),
         total.ops_completed,
         total.leaders_elected,
@@ -43,7 +46,9 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
         total.conf_changes_ok,
         total.transfers_ok,
         total.snapshots_installed,
-        total.quiet_spells
+        total.quiet_spells,
+        total.entries_fetched,
+        total.fetches_purged
     );
     // The runs must have exercised what they claim to.
     assert!(
@@ -53,6 +58,10 @@ fn run_seeds_with(members: usize, seeds: std::ops::Range<u64>, chaos_ms: u64) ->
     assert!(total.crashes > 0 && total.partitions > 0 && total.leaders_elected > count);
     assert!(total.conf_changes_ok > 0 && total.transfers_ok > 0 && total.snapshots_installed > 0);
     assert!(total.quiet_spells > 0, "no group ever went quiet");
+    assert!(
+        total.entries_fetched > 0,
+        "no follower was served from storage behind a snapshot"
+    );
     total
 }
 

@@ -38,5 +38,5 @@ pub use log::{RaftLog, RestoreError};
 pub use membership::{Membership, MembershipError, PeerInfo};
 pub use message::*;
 pub use raft::{ConfChangeMode, ConfChangeRequest, ProgressState, RaftCore, Status};
-pub use ready::{Event, Ready};
+pub use ready::{Event, Fetch, Ready};
 pub use types::{Entry, EntryPayload, HardState, Index, NodeId, Role, SnapshotMeta, Term};

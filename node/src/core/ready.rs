@@ -42,6 +42,11 @@ pub struct Ready {
     /// snapshot, then deliver `Message::InstallSnapshot` to their core, or
     /// call `report_snapshot_failure`.
     pub send_snapshot: Vec<NodeId>,
+    /// Entries the core no longer holds, wanted for a follower behind its
+    /// snapshot: read them from the log storage (every one is committed and
+    /// durable, so they can be read at any time) and answer with
+    /// `RaftCore::fetched`, always, also when storage no longer has them.
+    pub fetch: Vec<Fetch>,
     pub events: Vec<Event>,
 }
 
@@ -54,8 +59,22 @@ impl Ready {
             && self.persisted_messages.is_empty()
             && self.committed_entries.is_empty()
             && self.send_snapshot.is_empty()
+            && self.fetch.is_empty()
             && self.events.is_empty()
     }
+}
+
+/// A read of compacted entries from storage, for one follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fetch {
+    pub to: NodeId,
+    /// Read from this index (its entry gives the term the follower's log
+    /// must match, the rest are sent)...
+    pub prev: Index,
+    /// ... up to this one, fewer if `max_bytes` are reached first (at least
+    /// two entries when `hi > prev`).
+    pub hi: Index,
+    pub max_bytes: usize,
 }
 
 /// Outcomes of earlier requests and notable changes.

@@ -650,6 +650,42 @@ impl SegmentedLog {
         Ok(())
     }
 
+    /// Entries from `lo` on, up to `hi`, stopping once their records pass
+    /// `max_bytes` (but two entries at least, as a leader's fetch needs:
+    /// the one whose term the follower must match and one to send). Reads
+    /// only the records it returns, so a few huge entries cost only
+    /// themselves.
+    pub fn read_bounded(
+        &self,
+        lo: Index,
+        hi: Index,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let hi = hi.min(self.last_index());
+        let (mut end, mut bytes) = (lo, 0u64);
+        for index in lo..=hi {
+            let size = self.record_len(index).unwrap_or(0);
+            if index >= lo + 2 && bytes + size > max_bytes as u64 {
+                break;
+            }
+            bytes += size;
+            end = index;
+        }
+        self.entries(lo, end)
+    }
+
+    /// The size of entry `index`'s record on disk.
+    fn record_len(&self, index: Index) -> Option<u64> {
+        let seg = match &self.open {
+            Some(o) if o.seg.contains(index) => &o.seg,
+            _ => self.closed.iter().rev().find(|s| s.contains(index))?,
+        };
+        let k = (index - seg.first) as usize;
+        let start = *seg.offsets.get(k)?;
+        let end = seg.offsets.get(k + 1).copied().unwrap_or(seg.end);
+        Some(end.saturating_sub(start))
+    }
+
     /// Number of segment files (closed and open).
     pub fn segment_count(&self) -> usize {
         self.closed.len() + usize::from(self.open.is_some())

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{LogStore, Meta, MetaStore, SegmentedLog, StorageError};
-use crate::core::{Entry, EntryPayload, HardState, Index};
+use crate::core::{Entry, EntryPayload, Fetch, HardState, Index};
 
 /// What one Ready asks storage to make durable, in this order: reset the log
 /// (an installed snapshot that did not match it) or purge it up to the
@@ -41,6 +41,11 @@ pub struct WriteBatch {
     /// so that it never overtakes an earlier truncation (see
     /// `RaftCore::compact`).
     pub purge_to: Option<Index>,
+    /// Read compacted entries for a follower once everything before is
+    /// written (see `RaftCore::fetched`); answered with
+    /// [`Completion::Fetched`]. Queued like a write, so a purge queued
+    /// before it has happened and one queued after has not.
+    pub fetch: Option<Fetch>,
 }
 
 impl WriteBatch {
@@ -50,6 +55,7 @@ impl WriteBatch {
             && self.hard_state.is_none()
             && self.entries.is_empty()
             && self.purge_to.is_none()
+            && self.fetch.is_none()
     }
 }
 
@@ -73,6 +79,12 @@ pub enum Completion {
     Healthy,
     /// Storage cannot continue; restart the group.
     Failed { reason: String },
+    /// A fetch's entries from `fetch.prev` on, or `None` when the log no
+    /// longer holds them (purged) or could not read them.
+    Fetched {
+        fetch: Fetch,
+        entries: Option<Vec<Entry>>,
+    },
 }
 
 /// The worker's state, also usable without a thread (tests, tools).
@@ -112,8 +124,17 @@ impl WorkerState {
                     out.push(Completion::Healthy);
                 }
                 let ready = self.pending.last().expect("not empty").ready;
-                self.pending.clear();
                 out.push(Completion::Durable { ready, last_index });
+                for fetch in self.pending.drain(..).filter_map(|b| b.fetch) {
+                    let entries = self.log.read_bounded(fetch.prev, fetch.hi, fetch.max_bytes);
+                    if let Err(e) = &entries {
+                        tracing::debug!(error = %e, ?fetch, "a fetch found its entries gone; the follower gets the snapshot");
+                    }
+                    out.push(Completion::Fetched {
+                        fetch,
+                        entries: entries.ok(),
+                    });
+                }
                 out
             }
             Err(e @ StorageError::Poisoned(_)) | Err(e @ StorageError::CorruptMeta { .. }) => {

@@ -41,6 +41,7 @@ use super::ready::Ready;
 use super::types::*;
 
 mod election;
+mod fetch;
 mod level;
 mod membership;
 mod quiesce;
@@ -133,6 +134,9 @@ struct Progress {
     /// The cluster level the follower's version knows, as last reported
     /// (0 until it answers, or from a version before levels).
     feature_level: u32,
+    /// Entries for this follower are being read from storage (see
+    /// `fetch.rs`) since this tick; nothing else is sent meanwhile.
+    fetching: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -530,6 +534,7 @@ impl RaftCore {
             self.transfer_timed_out(t);
         }
         self.check_staging_timeout();
+        self.expire_fetches();
         // Departing members that cannot be reached are not waited for.
         let ls = self.ls();
         let expired: Vec<NodeId> = ls

@@ -15,6 +15,7 @@ use crate::core::error::ProposeError;
 use crate::core::message::{
     AppendEntries, AppendEntriesReply, AppendResult, InstallSnapshot, InstallSnapshotReply, Message,
 };
+use crate::core::ready::Fetch;
 use crate::core::types::{Entry, EntryPayload, Index, NodeId, Role, Term};
 
 impl Progress {
@@ -32,6 +33,7 @@ impl Progress {
             commit: 0,
             quiet: false,
             feature_level: 0,
+            fetching: None,
         }
     }
 
@@ -164,13 +166,8 @@ impl RaftCore {
         let (max_count, max_inflight_bytes) =
             (self.cfg.max_inflight_appends, self.cfg.max_inflight_bytes);
         let last = self.log.last_index();
-        let commit = self.log.committed();
-        let term = self.term;
         // May be called right after this member stepped down (a removed
         // leader committing its own removal): then there is nothing to send.
-        let Some(round) = self.leader_state.as_ref().map(|l| l.round) else {
-            return;
-        };
         let Some(pr) = self
             .leader_state
             .as_mut()
@@ -178,6 +175,9 @@ impl RaftCore {
         else {
             return;
         };
+        if pr.fetching.is_some() {
+            return;
+        }
         match pr.state {
             ProgressState::Snapshot { .. } => return,
             ProgressState::Probe if pr.probe_sent => return,
@@ -191,17 +191,51 @@ impl RaftCore {
         }
         let prev_index = pr.next_index - 1;
         let Some(prev_term) = self.log.term(prev_index) else {
-            pr.state = ProgressState::Snapshot { since: now };
-            self.out.send_snapshot.push(to);
+            // Behind the snapshot: the entries are read back from storage,
+            // which keeps some behind it, and sent when they come; only if
+            // storage no longer has them does the follower get the snapshot.
+            pr.fetching = Some(now);
+            let hi = self.log.snapshot_index();
+            self.out.fetch.push(Fetch {
+                to,
+                prev: prev_index,
+                hi,
+                max_bytes,
+            });
             return;
         };
         let entries = self
             .log
             .slice(pr.next_index, last, max_bytes)
             .expect("prev is not compacted");
+        self.send_entries(to, prev_index, prev_term, entries);
+    }
+
+    /// Sends `entries` after `prev_index` to `to`, as the next append of its
+    /// progress (in flight when replicating, the one probe when probing).
+    pub(super) fn send_entries(
+        &mut self,
+        to: NodeId,
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+    ) {
+        let now = self.now;
+        let commit = self.log.committed();
+        let term = self.term;
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
+        let round = ls.round;
+        let Some(pr) = ls.progress.get_mut(&to) else {
+            return;
+        };
         match pr.state {
             ProgressState::Replicate => {
-                let sent_last = entries.last().expect("checked not empty").index;
+                // Callers send at least one entry when replicating.
+                let Some(sent_last) = entries.last().map(|e| e.index) else {
+                    return;
+                };
                 let bytes = entries.iter().map(Entry::size_bytes).sum();
                 pr.next_index = sent_last + 1;
                 pr.inflight_bytes += bytes;

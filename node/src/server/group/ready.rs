@@ -51,6 +51,9 @@ impl Group {
                 self.storage_error = Some(format!("{reason}; restart the node"));
                 self.failed = true;
             }
+            Completion::Fetched { fetch, entries } => {
+                self.core.fetched(fetch.to, fetch.prev, entries);
+            }
         }
     }
 
@@ -157,6 +160,17 @@ impl Group {
             }
             for to in ready.send_snapshot {
                 self.send_snapshot(to);
+            }
+            // Entries behind the snapshot, read on the log's thread in order
+            // with the writes (and purges) before them.
+            for fetch in ready.fetch {
+                if let Some(w) = &self.worker {
+                    w.submit(WriteBatch {
+                        ready: self.last_submitted,
+                        fetch: Some(fetch),
+                        ..Default::default()
+                    });
+                }
             }
             for ev in ready.events {
                 self.on_event(ev);
