@@ -82,7 +82,14 @@ struct Args {
     max_pending_requests: u64,
     #[arg(long, env = "KUBERAFT_MAX_PENDING_BYTES", default_value_t = 64 << 20)]
     max_pending_bytes: u64,
-    /// Log entries a group keeps on disk behind its snapshot for slow followers.
+    /// A group's log segment file is closed at this size (smaller segments
+    /// let a purge free space sooner; larger ones mean fewer files).
+    #[arg(long, env = "KUBERAFT_SEGMENT_SIZE_MAX_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    segment_size_max_bytes: u64,
+    /// Log entries a group keeps on disk behind its snapshot, so that a
+    /// follower that far behind catches up by entries read back from the
+    /// log instead of a full snapshot (purges drop whole segments, so a
+    /// little more may be kept).
     #[arg(long, env = "KUBERAFT_PURGE_KEEP_ENTRIES", default_value_t = 1024)]
     purge_keep_entries: u64,
     /// A runtime stall longer than this makes leaders step down.
@@ -184,6 +191,7 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
     })?;
     let mut storage = GroupStorageOptions::default();
     storage.log.purge_keep_entries = a.purge_keep_entries;
+    storage.log.segment_size_max_bytes = a.segment_size_max_bytes;
     Ok(NodeOptions {
         data_dir: a.data_dir.clone(),
         advertise,
