@@ -515,6 +515,23 @@ mod worker {
             .collect();
         assert_eq!(fetched[0], None, "purged: the follower needs the snapshot");
         assert_eq!(fetched[1].as_deref(), Some(&all[69..80]));
+        // Reads alone cost no fsync.
+        let before = fs.syncs();
+        let done = st.commit_group(vec![fetch(70, 80, 1 << 20)]);
+        assert!(
+            matches!(
+                &done[..],
+                [
+                    Completion::Durable { .. },
+                    Completion::Fetched {
+                        entries: Some(_),
+                        ..
+                    }
+                ]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(fs.syncs(), before, "no fsync for a read");
     }
 
     #[test]

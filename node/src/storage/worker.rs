@@ -158,6 +158,17 @@ impl WorkerState {
     }
 
     fn write_pending(&mut self) -> Result<Index, StorageError> {
+        // Fetches alone write nothing: every batch before them is durable
+        // already (batches are handled in order), so no fsync is owed.
+        let writes = self.pending.iter().any(|b| {
+            b.reset_to.is_some()
+                || b.hard_state.is_some()
+                || !b.entries.is_empty()
+                || b.purge_to.is_some()
+        });
+        if !writes {
+            return Ok(self.log.last_index());
+        }
         let mut meta_dirty = false;
         for b in &self.pending {
             if let Some(base) = b.reset_to {
