@@ -43,9 +43,12 @@ pub struct Ready {
     /// call `report_snapshot_failure`.
     pub send_snapshot: Vec<NodeId>,
     /// Entries the core no longer holds, wanted for a follower behind its
-    /// snapshot: read them from the log storage (every one is committed and
-    /// durable, so they can be read at any time) and answer with
+    /// snapshot: read them from the log storage and answer with
     /// `RaftCore::fetched`, always, also when storage no longer has them.
+    /// Every one is committed, but read it only after the writes of every
+    /// Ready taken before this one: the core compacts memory once the
+    /// snapshot is written, which may be before an earlier truncation of a
+    /// stale suffix reached the disk.
     pub fetch: Vec<Fetch>,
     pub events: Vec<Event>,
 }
@@ -69,7 +72,8 @@ impl Ready {
 pub struct Fetch {
     pub to: NodeId,
     /// Read from this index (its entry gives the term the follower's log
-    /// must match, the rest are sent)...
+    /// must match, the rest are sent; for 0, which is never stored, read
+    /// from 1: the term before it is 0)...
     pub prev: Index,
     /// ... up to this one, fewer if `max_bytes` are reached first (at least
     /// two entries when `hi > prev`).

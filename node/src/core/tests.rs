@@ -55,6 +55,8 @@ struct Net {
     filter: Option<Box<Filter>>,
     /// Every storage read a leader asked for, answered from its disk.
     fetches: Vec<(NodeId, Fetch)>,
+    /// Storage reads are not answered (a slow or full disk).
+    hold_fetches: bool,
 }
 
 impl Net {
@@ -179,7 +181,7 @@ impl Net {
         }
         // Storage reads are answered at once, and what the answers make the
         // core do is collected right away.
-        if !fetch.is_empty() {
+        if !fetch.is_empty() && !self.hold_fetches {
             for f in fetch {
                 let entries = self.read_disk(id, f);
                 self.fetches.push((id, f));
@@ -1818,4 +1820,27 @@ fn t30_a_late_fetch_answer_is_ignored_and_the_follower_is_served_afresh() {
     net.tick_all(5);
     assert_eq!(net.commit(3), commit);
     assert!(net.snapshot_requests.is_empty());
+}
+
+#[test]
+fn t30_a_follower_waiting_for_a_slow_storage_read_still_hears_heartbeats() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert(3);
+    for _ in 0..10 {
+        net.propose(1, "a");
+    }
+    let commit = net.commit(1);
+    net.core(1).compact(commit);
+    // The read is asked for and never answered.
+    net.hold_fetches = true;
+    net.cut.clear();
+    net.tick_all(60);
+    assert_eq!(net.nodes[&3].role(), Role::Follower);
+    assert_eq!(
+        net.nodes[&3].leader(),
+        Some(1),
+        "n3 kept hearing its leader"
+    );
+    assert_eq!(net.leaders(), vec![1]);
 }

@@ -662,9 +662,16 @@ impl SegmentedLog {
         max_bytes: usize,
     ) -> Result<Vec<Entry>, StorageError> {
         let hi = hi.min(self.last_index());
+        if lo <= self.base || lo > hi {
+            // Purged (or never held): answered at once, not after a walk
+            // over every index up to the purge point.
+            return Err(super::unavailable(self, lo, hi));
+        }
         let (mut end, mut bytes) = (lo, 0u64);
         for index in lo..=hi {
-            let size = self.record_len(index).unwrap_or(0);
+            let Some(size) = self.record_len(index) else {
+                break;
+            };
             if index >= lo + 2 && bytes + size > max_bytes as u64 {
                 break;
             }

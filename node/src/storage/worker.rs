@@ -43,8 +43,10 @@ pub struct WriteBatch {
     pub purge_to: Option<Index>,
     /// Read compacted entries for a follower once everything before is
     /// written (see `RaftCore::fetched`); answered with
-    /// [`Completion::Fetched`]. Queued like a write, so a purge queued
-    /// before it has happened and one queued after has not.
+    /// [`Completion::Fetched`]. Queued like a write, so every write queued
+    /// before it is done, and so is every purge queued before it (one
+    /// queued after it but handled in the same group may be too: the read
+    /// then finds nothing and the follower gets the snapshot).
     pub fetch: Option<Fetch>,
 }
 
@@ -126,9 +128,18 @@ impl WorkerState {
                 let ready = self.pending.last().expect("not empty").ready;
                 out.push(Completion::Durable { ready, last_index });
                 for fetch in self.pending.drain(..).filter_map(|b| b.fetch) {
-                    let entries = self.log.read_bounded(fetch.prev, fetch.hi, fetch.max_bytes);
-                    if let Err(e) = &entries {
-                        tracing::debug!(error = %e, ?fetch, "a fetch found its entries gone; the follower gets the snapshot");
+                    // Entry 0 is never stored: a follower with nothing reads
+                    // from the first entry (its previous term is 0).
+                    let lo = fetch.prev.max(1);
+                    let entries = self.log.read_bounded(lo, fetch.hi, fetch.max_bytes);
+                    match &entries {
+                        Err(e @ StorageError::Unavailable { .. }) => {
+                            tracing::debug!(error = %e, ?fetch, "a fetch found its entries purged; the follower gets the snapshot");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, ?fetch, "reading committed entries for a follower failed; it gets the snapshot");
+                        }
+                        Ok(_) => {}
                     }
                     out.push(Completion::Fetched {
                         fetch,

@@ -37,12 +37,15 @@ impl RaftCore {
             return;
         }
         let usable = entries.filter(|es| {
+            let first = if prev == 0 { 1 } else { prev };
             es.len() >= 2
-                && es[0].index == prev
+                && es[0].index == first
                 && es.windows(2).all(|w| w[1].index == w[0].index + 1)
                 && es.last().is_some_and(|e| e.index <= snapshot_index)
         });
         match usable {
+            // From the start of the log: nothing before it to match.
+            Some(es) if prev == 0 => self.send_entries(to, 0, 0, es),
             Some(mut es) => {
                 let prev_term = es.remove(0).term;
                 self.send_entries(to, prev, prev_term, es);

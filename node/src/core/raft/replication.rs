@@ -278,13 +278,16 @@ impl RaftCore {
         while ls.round_ticks.front().is_some_and(|(_, t)| *t < horizon) {
             ls.round_ticks.pop_front();
         }
-        let peers: Vec<(NodeId, Index, ProgressState)> = ls
+        let peers: Vec<(NodeId, Index, ProgressState, bool)> = ls
             .progress
             .iter()
-            .map(|(id, p)| (*id, p.match_index, p.state))
+            .map(|(id, p)| (*id, p.match_index, p.state, p.fetching.is_some()))
             .collect();
-        for (to, match_index, state) in peers {
-            if state == ProgressState::Probe {
+        for (to, match_index, state, fetching) in peers {
+            // A follower waiting for entries read back from storage still
+            // hears the heartbeat, or it would time out and campaign when
+            // the read is slow.
+            if state == ProgressState::Probe && !fetching {
                 // Probing followers are retried with entries instead.
                 if let Some(pr) = self.ls().progress.get_mut(&to) {
                     pr.probe_sent = false;
