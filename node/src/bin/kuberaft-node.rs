@@ -64,9 +64,13 @@ struct Args {
     /// Serve linearizable reads from a leader lease (needs bounded clock drift).
     #[arg(long, env = "KUBERAFT_LEADER_LEASE")]
     leader_lease: bool,
-    /// Snapshot a group after this many applied entries.
+    /// Snapshot a group after this many applied entries...
     #[arg(long, env = "KUBERAFT_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
     snapshot_threshold: u64,
+    /// ... or after this many bytes of applied entries, whichever comes
+    /// first (a group holds its entries since the last snapshot in memory).
+    #[arg(long, env = "KUBERAFT_SNAPSHOT_THRESHOLD_BYTES", default_value_t = 64 << 20)]
+    snapshot_threshold_bytes: u64,
     /// Exactly-once window of retried writes. The leader's value travels
     /// with each logged call and, once every member runs a version that
     /// knows it (cluster level 2), decides on every member alike.
@@ -175,6 +179,7 @@ fn options(a: &Args) -> anyhow::Result<NodeOptions> {
         leader_lease: a.leader_lease,
         quiesce: a.quiesce,
         snapshot_threshold: a.snapshot_threshold.max(1),
+        snapshot_threshold_bytes: a.snapshot_threshold_bytes.max(1),
         retry_ttl_ms: a.retry_ttl_ms,
         max_pending_requests: a.max_pending_requests,
         max_pending_bytes: a.max_pending_bytes,

@@ -72,6 +72,10 @@ pub struct GroupOptions {
     pub quiesce: bool,
     /// Take a snapshot after this many entries were applied since the last.
     pub snapshot_threshold: u64,
+    /// ... or after entries of this many bytes were: the core holds every
+    /// entry since the last snapshot in memory, so large values must not
+    /// wait for an entry count.
+    pub snapshot_threshold_bytes: u64,
     /// Exactly-once window for retried writes, in log time.
     pub retry_ttl_ms: u64,
     pub max_pending_requests: u64,
@@ -96,6 +100,7 @@ impl Default for GroupOptions {
             leader_lease: false,
             quiesce: true,
             snapshot_threshold: 10_000,
+            snapshot_threshold_bytes: 64 << 20,
             retry_ttl_ms: 60_000,
             max_pending_requests: 8192,
             max_pending_bytes: 64 << 20,
@@ -346,6 +351,10 @@ struct Group {
     /// Shared with the blocking threads that write snapshots.
     snapshots: Arc<SnapshotStore>,
     last_snapshot: Index,
+    /// Bytes of entries applied since the group started, and that count
+    /// when the newest snapshot was taken (for the byte threshold).
+    applied_bytes: u64,
+    applied_bytes_at_snapshot: u64,
     /// A snapshot of this index is being written off the task; those who
     /// asked for one wait for it.
     snapshot_writing: Option<Index>,
@@ -483,6 +492,8 @@ pub fn spawn_group(
         applier,
         snapshots: Arc::new(snapshots),
         last_snapshot: snapshot.index,
+        applied_bytes: 0,
+        applied_bytes_at_snapshot: 0,
         snapshot_writing: None,
         snapshot_waiters: Vec::new(),
         snapshot_io: written_tx,

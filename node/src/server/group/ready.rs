@@ -87,6 +87,7 @@ impl Group {
                         }
                         self.core.note_cluster_level(self.applier.cluster_level());
                         self.last_snapshot = meta.index;
+                        self.applied_bytes_at_snapshot = self.applied_bytes;
                         self.snapshots_installed += 1;
                         if keep {
                             batch.purge_to = Some(meta.index);
@@ -118,6 +119,11 @@ impl Group {
                 }
             }
             if let Some(last) = ready.committed_entries.last().map(|e| e.index) {
+                self.applied_bytes += ready
+                    .committed_entries
+                    .iter()
+                    .map(|e| e.size_bytes() as u64)
+                    .sum::<u64>();
                 let outcomes = self.applier.apply(&ready.committed_entries);
                 for o in outcomes {
                     let Some(waiters) = self.writes.remove(&o.index) else {
@@ -302,7 +308,12 @@ impl Group {
                 }
             }
         }
-        if self.applier.applied_index() >= self.last_snapshot + self.opts.snapshot_threshold
+        let by_count =
+            self.applier.applied_index() >= self.last_snapshot + self.opts.snapshot_threshold;
+        let by_bytes = self.applied_bytes - self.applied_bytes_at_snapshot
+            >= self.opts.snapshot_threshold_bytes;
+        if (by_count || by_bytes)
+            && self.applier.applied_index() > self.last_snapshot
             && self.snapshot_writing.is_none()
             && self.snapshot_retry_at.is_none_or(|t| Instant::now() >= t)
         {

@@ -30,6 +30,8 @@ pub(super) enum SnapshotIo {
     /// This member's own snapshot at `index` is written (or not).
     Taken {
         index: Index,
+        /// The group's applied bytes when the snapshot was copied.
+        bytes_at: u64,
         result: Result<(), String>,
     },
     /// A snapshot from the leader is stored (or not); the core has not seen
@@ -64,7 +66,11 @@ impl Group {
 
     pub(super) fn snapshot_io_done(&mut self, io: SnapshotIo) {
         match io {
-            SnapshotIo::Taken { index, result } => self.snapshot_written(index, result),
+            SnapshotIo::Taken {
+                index,
+                bytes_at,
+                result,
+            } => self.snapshot_written(index, bytes_at, result),
             SnapshotIo::Received {
                 from,
                 term,
@@ -216,16 +222,21 @@ impl Group {
         // the writing leaves the task.
         let files = self.applier.snapshot();
         self.snapshot_writing = Some(index);
+        let bytes_at = self.applied_bytes;
         self.off_task(move |store| {
             let result = guarded(|| write_snapshot(store, meta, &files))
                 .map_err(|e| format!("writing snapshot at {index}: {e}"));
-            SnapshotIo::Taken { index, result }
+            SnapshotIo::Taken {
+                index,
+                bytes_at,
+                result,
+            }
         });
     }
 
     /// This member's snapshot is durable: entries up to it may go from the
     /// core, and the log purge is queued behind earlier writes.
-    fn snapshot_written(&mut self, index: Index, result: Result<(), String>) {
+    fn snapshot_written(&mut self, index: Index, bytes_at: u64, result: Result<(), String>) {
         self.snapshot_writing = None;
         if let Err(e) = result {
             return self.snapshot_finished(Err(e));
@@ -233,6 +244,7 @@ impl Group {
         // A snapshot installed from the leader meanwhile may be newer.
         if index > self.last_snapshot {
             self.last_snapshot = index;
+            self.applied_bytes_at_snapshot = bytes_at;
             self.core.compact(index);
             if let Some(worker) = &self.worker {
                 worker.submit(WriteBatch {
