@@ -69,7 +69,7 @@ struct Args {
     snapshot_threshold: u64,
     /// ... or after this many bytes of applied entries, whichever comes
     /// first (a group holds its entries since the last snapshot in memory).
-    #[arg(long, env = "KUBERAFT_SNAPSHOT_THRESHOLD_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "KUBERAFT_SNAPSHOT_THRESHOLD_BYTES", default_value_t = 256 << 20)]
     snapshot_threshold_bytes: u64,
     /// Exactly-once window of retried writes. The leader's value travels
     /// with each logged call and, once every member runs a version that

@@ -100,7 +100,7 @@ impl Default for GroupOptions {
             leader_lease: false,
             quiesce: true,
             snapshot_threshold: 10_000,
-            snapshot_threshold_bytes: 64 << 20,
+            snapshot_threshold_bytes: 256 << 20,
             retry_ttl_ms: 60_000,
             max_pending_requests: 8192,
             max_pending_bytes: 64 << 20,
