@@ -1742,17 +1742,24 @@ fn t40_a_member_removed_and_added_back_at_once_gets_the_log() {
 // Followers behind the snapshot, served from storage
 // --------------------------------------------------------------------------
 
-#[test]
-fn t30_a_follower_behind_the_snapshot_gets_entries_from_storage_not_the_snapshot() {
-    let mut net = Net::with_config(3, |c| c.max_append_bytes = 200);
+/// `net` with n1 leading and n3 cut off while `writes` entries commit; n1
+/// then snapshots at the commit index and forgets the entries in memory
+/// (storage keeps them). Returns the commit index.
+fn n3_behind_the_snapshot(net: &mut Net, writes: usize) -> Index {
     net.elect(1);
     net.cut.insert(3);
-    for _ in 0..40 {
+    for _ in 0..writes {
         net.propose(1, "a");
     }
     let commit = net.commit(1);
-    // The leader snapshotted and forgot its entries; storage keeps them.
     net.core(1).compact(commit);
+    commit
+}
+
+#[test]
+fn t30_a_follower_behind_the_snapshot_gets_entries_from_storage_not_the_snapshot() {
+    let mut net = Net::with_config(3, |c| c.max_append_bytes = 200);
+    let commit = n3_behind_the_snapshot(&mut net, 40);
     assert!(net.nodes[&1].log().term(commit - 10).is_none());
     net.cut.clear();
     let (_, index) = net.propose(1, "b");
@@ -1779,13 +1786,7 @@ fn t30_a_follower_behind_the_snapshot_gets_entries_from_storage_not_the_snapshot
 #[test]
 fn t30_a_fetch_that_finds_the_entries_purged_falls_back_to_the_snapshot() {
     let mut net = Net::new(3);
-    net.elect(1);
-    net.cut.insert(3);
-    for _ in 0..10 {
-        net.propose(1, "a");
-    }
-    let commit = net.commit(1);
-    net.core(1).compact(commit);
+    let commit = n3_behind_the_snapshot(&mut net, 10);
     // Purged between the fetch being asked for and being read: n3 needs
     // entry 2 on, storage kept only the last few.
     net.purge(1, commit - 3);
@@ -1798,13 +1799,7 @@ fn t30_a_fetch_that_finds_the_entries_purged_falls_back_to_the_snapshot() {
 #[test]
 fn t30_a_late_fetch_answer_is_ignored_and_the_follower_is_served_afresh() {
     let mut net = Net::new(3);
-    net.elect(1);
-    net.cut.insert(3);
-    for _ in 0..10 {
-        net.propose(1, "a");
-    }
-    let commit = net.commit(1);
-    net.core(1).compact(commit);
+    let commit = n3_behind_the_snapshot(&mut net, 10);
     // An answer for a fetch nobody asked for (or one given up) is ignored.
     let stale = net.read_disk(
         1,
@@ -1825,13 +1820,7 @@ fn t30_a_late_fetch_answer_is_ignored_and_the_follower_is_served_afresh() {
 #[test]
 fn t30_a_follower_waiting_for_a_slow_storage_read_still_hears_heartbeats() {
     let mut net = Net::new(3);
-    net.elect(1);
-    net.cut.insert(3);
-    for _ in 0..10 {
-        net.propose(1, "a");
-    }
-    let commit = net.commit(1);
-    net.core(1).compact(commit);
+    n3_behind_the_snapshot(&mut net, 10);
     // The read is asked for and never answered.
     net.hold_fetches = true;
     net.cut.clear();
